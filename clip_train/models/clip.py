@@ -1,0 +1,111 @@
+"""ClipModel: an image tower and a text tower projected into one embedding space.
+
+model = ClipModel(cfg.model)                     # towers from timm / transformers
+img = model.encode_image(images)                 # [B, embed_dim], L2-normalised
+txt = model.encode_text(tokens)                  # [B, embed_dim], L2-normalised
+model.save_pretrained("out/model", tokenizer)    # config.json + model.safetensors + tokenizer/
+model = ClipModel.from_pretrained("out/model")   # needs no package, no hub, no original folder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from clip_train.config import ConfigError, ModelConfig, build_dataclass
+from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+class ClipModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg.image)
+        self.text = build_text_tower(cfg.text)
+        # New projections (no bias, as in CLIP) map both towers' features into the shared space.
+        self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.num_features, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=self.text.num_features**-0.5)
+        # Learnable log inverse temperature; the logits use exp(logit_scale).
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.image_proj(self.visual(images))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.text_proj(self.text(tokens))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        # Without the cap the temperature keeps growing and training turns unstable (CLIP paper).
+        self.logit_scale.clamp_(0, self.cfg.max_logit_scale)
+
+    # ------------------------------------------------------------------------------------------
+    # Public format: a folder that rebuilds the model without the packages or folders it was
+    # first made from (the towers' architectures are stored, their pretrained sources dropped).
+
+    def portable_config(self) -> ModelConfig:
+        image = dataclasses.replace(self.cfg.image, pretrained="", lock=False)
+        text = dataclasses.replace(
+            self.cfg.text,
+            pretrained="",
+            hf_config=self.text.hf_config_dict(),
+            tokenizer=TOKENIZER_DIR,
+            lock=False,
+        )
+        return dataclasses.replace(self.cfg, image=image, text=text)
+
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"format": "clip_train", "model": dataclasses.asdict(self.portable_config())}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+        # save_model (not save_file) copes with tied/shared tensors some text towers have.
+        save_model(self, str(folder / WEIGHTS_NAME))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ClipModel:
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a saved clip_train model: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+                "(pass a folder written by save_pretrained, a checkpoint or a run directory)"
+            )
+        cfg = load_model_config(folder)
+        model = cls(cfg)
+        load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+        return model
+
+
+def load_model_config(folder: str | Path) -> ModelConfig:
+    folder = Path(folder)
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    if raw.get("format") != "clip_train":
+        raise ConfigError(f"{folder / CONFIG_NAME} is not a clip_train model config")
+    cfg = build_dataclass(ModelConfig, raw["model"], prefix="model.")
+    if cfg.text.tokenizer == TOKENIZER_DIR:
+        cfg.text.tokenizer = str(folder / TOKENIZER_DIR)
+    return cfg
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved beside a model by save_pretrained."""
+    return build_tokenizer(load_model_config(folder).text)

@@ -1,0 +1,251 @@
+"""Train a CLIP model on webdataset shards. Reads top to bottom: build, resume, loop, finish.
+
+    clip-train configs/tiny.yaml run_dir=runs/tiny data.train_shards=...      # CPU smoke run
+    bash launch/quickstart.sh                                                 # the demo recipe
+    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml -m clip_train train configs/tiny.yaml ...
+
+Data order: the loader is rebuilt at every checkpoint boundary with a seed derived from
+(seed, segment), where a segment is the span of steps between two checkpoints. An uninterrupted run
+and a run resumed from the checkpoint at the start of a segment therefore read the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from clip_train import checkpoint
+from clip_train.config import RunConfig, save_config, to_dict
+from clip_train.data.pipeline import build_train_loader, expand_urls
+from clip_train.evaluate.runner import run_evaluation
+from clip_train.loss import ClipLoss
+from clip_train.models.clip import ClipModel
+from clip_train.models.towers import build_image_transforms, build_tokenizer
+from clip_train.optim import build_optimizer, build_scheduler
+from clip_train.tracking import MetricsLogger
+
+ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+# Test hook: SIGKILL this process right after finishing the given step, to test resume after a
+# real, unannounced death (no handler, no flush beyond what was already written).
+KILL_AT_STEP_ENV = "CLIP_TRAIN_TEST_KILL_AT_STEP"
+
+
+@dataclass
+class TrainState:
+    """What must survive a restart besides model/optimizer/scheduler/RNG (saved by accelerate)."""
+
+    step: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """The one gate for periodic work: every `every` steps (0 = never), and always at the last."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def segment_seed(seed: int, segment: int, data_pass: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{segment}/{data_pass}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def main(cfg: RunConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    # Fail on missing shards before a model is built or a process group waits.
+    expand_urls(cfg.data.train_shards)
+    if cfg.data.val_shards:
+        expand_urls(cfg.data.val_shards)
+    resume_from = checkpoint.resolve_resume(run_dir, cfg.train.resume)
+
+    accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=cfg.train.cpu)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg.log, to_dict(cfg), enabled=accelerator.is_main_process)
+
+    # ---------------------------------------------------------------- model, loss, optimizer
+    set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = ClipModel(cfg.model)
+    tokenizer = build_tokenizer(cfg.model.text)
+    train_transform, eval_transform = build_image_transforms(
+        model.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
+    )
+    loss_fn = ClipLoss()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    # The webdataset loader is deliberately not prepared: it already splits shards by rank, and
+    # prepare() would dispatch or stride its batches a second time.
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    set_seed(cfg.train.seed + rank)  # dropout and augmentation differ across ranks
+
+    # ---------------------------------------------------------------- resume
+    expected_meta = {
+        "model": to_dict(cfg.model),
+        "world_size": world,
+        "batch_size": cfg.data.batch_size,
+        "ckpt_every": cfg.train.ckpt_every,
+        "total_steps": cfg.train.steps,
+    }
+    if resume_from is not None:
+        checkpoint.check_compatible(checkpoint.read_meta(resume_from), expected_meta, resume_from)
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    if accelerator.is_main_process:
+        num_params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        accelerator.print(
+            f"run_dir {run_dir}  params {num_params / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable)"
+        )
+
+    unwrapped = accelerator.unwrap_model(model)
+
+    def export_model(folder: Path) -> None:
+        unwrapped.save_pretrained(folder, tokenizer)
+
+    def evaluate(step: int) -> dict:
+        # Evaluation runs on the main process for now; the others wait at the barrier.
+        metrics = {}
+        if accelerator.is_main_process:
+            metrics = run_evaluation(
+                unwrapped,
+                tokenizer,
+                eval_transform,
+                cfg.eval,
+                cfg.data.val_shards,
+                accelerator.device,
+                cfg.train.precision,
+                out_dir=run_dir / "eval" / f"step-{step:09d}",
+                model_name=run_dir.name,
+            )
+            logger.log("eval", step, metrics)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # ---------------------------------------------------------------- data
+    total = cfg.train.steps
+    segment_len = cfg.train.ckpt_every if cfg.train.ckpt_every > 0 else total
+    data_pass = 0
+
+    def make_loader(step: int):
+        return iter(
+            build_train_loader(
+                cfg.data.train_shards,
+                batch_size=cfg.data.batch_size,
+                num_workers=cfg.data.num_workers,
+                seed=segment_seed(cfg.train.seed, step // segment_len, data_pass),
+                rank=rank,
+                world_size=world,
+                transform=train_transform,
+                tokenize=tokenizer,
+                resampled=cfg.data.resampled,
+                shard_shuffle=cfg.data.shard_shuffle,
+                sample_shuffle=cfg.data.sample_shuffle,
+                image_key=cfg.data.image_key,
+                text_key=cfg.data.text_key,
+                max_pixels=cfg.data.max_pixels,
+            )
+        )
+
+    # ---------------------------------------------------------------- loop
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+    global_batch = cfg.data.batch_size * world
+    loader = make_loader(state.step)
+    window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
+    eval_metrics: dict = {}
+    model.train()
+    while state.step < total:
+        fetch_start = time.perf_counter()
+        try:
+            images, tokens = next(loader)
+        except StopIteration:  # one pass over non-resampled shards ended: start the next pass
+            data_pass += 1
+            loader = make_loader(state.step)
+            images, tokens = next(loader)
+        window["data_wait"] += time.perf_counter() - fetch_start
+        images, tokens = images.to(accelerator.device), tokens.to(accelerator.device)
+
+        with accelerator.autocast():
+            image_emb, text_emb, logit_scale = model(images, tokens)
+            loss = loss_fn(image_emb, text_emb, logit_scale)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {state.step + 1}: "
+                "lower optim.lr or use train.precision=fp32"
+            )
+        accelerator.backward(loss)
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        unwrapped.clamp_logit_scale()
+        state.step += 1
+        state.samples_seen += global_batch
+        window["loss"] += loss.detach().float()
+        window["steps"] += 1
+
+        if due(state.step, cfg.train.log_every, total):
+            elapsed = time.perf_counter() - window["start"]
+            mean_loss = accelerator.reduce(window["loss"] / window["steps"], reduction="mean").item()
+            logger.log(
+                "train",
+                state.step,
+                {
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "logit_scale": unwrapped.logit_scale.exp().item(),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "samples_per_s": window["steps"] * global_batch / elapsed,
+                    "data_wait_frac": window["data_wait"] / elapsed,
+                    "samples_seen": state.samples_seen,
+                },
+            )
+            window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
+        if due(state.step, cfg.train.eval_every, total) and (cfg.eval.zeroshot or cfg.data.val_shards):
+            eval_metrics = evaluate(state.step)
+        if due(state.step, cfg.train.ckpt_every, total):
+            meta = {**expected_meta, "samples_seen": state.samples_seen}
+            checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
+            if state.step < total:
+                data_pass = 0
+                loader = make_loader(state.step)  # a new segment starts (see the module docstring)
+        if kill_at and state.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---------------------------------------------------------------- finish
+    if accelerator.is_main_process:
+        export_model(run_dir / "model")
+        summary = {"step": state.step, "samples_seen": state.samples_seen, **eval_metrics}
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=1))
+        logger.log("summary", state.step, summary, console=False)
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return eval_metrics
+
+
+def format_results(metrics: dict) -> str:
+    """A small table of the headline metrics for the console."""
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, float) and not math.isnan(v)]
+    width = max((len(k) for k, _ in rows), default=10)
+    return "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in rows)

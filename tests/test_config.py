@@ -1,0 +1,80 @@
+import subprocess
+import sys
+
+import pytest
+
+from clip_train.config import ConfigError, RunConfig, load_config, save_config
+
+REQUIRED = ["run_dir=/tmp/x", "data.train_shards=/tmp/shards"]
+
+
+def test_yaml_files_merge_in_order_then_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("run_dir: r\ndata:\n  train_shards: s\n  batch_size: 32\noptim:\n  lr: 0.1\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("optim:\n  lr: 0.01\n  weight_decay: 0.0\n")
+    cfg = load_config([base, exp], ["optim.lr=1e-4", "eval.zeroshot=[{dataset: fashion-mnist, limit: 5}]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0
+    assert cfg.data.batch_size == 32 and cfg.data.num_workers == 2  # untouched default
+    assert cfg.eval.zeroshot[0].limit == 5 and cfg.eval.zeroshot[0].templates == ["a photo of a {c}."]
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config([], REQUIRED + ["model.text.hf_config={model_type: bert, hidden_size: 8}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config([tmp_path / "config.yaml"]) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "unknown config key optim.lrr: did you mean optim.lr?"),
+        ("lr=1", "unknown config key lr: did you mean optim.lr?"),
+        ("optim.lr=fast", "optim.lr='fast' has the wrong type: expected float"),
+        ("train.steps=1.5", "train.steps=1.5 has the wrong type: expected int"),
+        ("data.resampled=maybe", "data.resampled='maybe' has the wrong type: expected bool"),
+        ("train.precision=bf61", "did you mean bf16?"),
+        ("eval.zeroshot=[{dataset: a, limt: 3}]", "unknown config key eval.zeroshot[0].limt: did you mean"),
+        ("optim", "override 'optim' is not key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config([], REQUIRED + [override])
+    assert message in str(err.value)
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(ConfigError, match="missing required config value data.train_shards"):
+        load_config([], ["run_dir=x"])
+
+
+def test_a_typo_is_reported_before_a_missing_value():
+    with pytest.raises(ConfigError, match="did you mean run_dir"):
+        load_config([], ["rundir=x"])
+
+
+def test_missing_or_broken_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([tmp_path / "nope.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([bad])
+
+
+def test_cli_exits_2_with_one_line_before_loading_anything(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run_dir: r\ndata:\n  train_shards: s\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_train", "train", str(cfg), "optim.lrr=1e-4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "clip-train: error: unknown config key optim.lrr: did you mean optim.lr?"
+    ]
+    assert "torch" not in proc.stdout
