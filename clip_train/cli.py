@@ -19,7 +19,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 def _user_errors() -> tuple[type[Exception], ...]:
     # Imported lazily so that `clip-train --help` and config errors never wait for torch.
     from clip_train.checkpoint import ResumeError
-    from clip_train.data.shards import DataError
+    from clip_train.data import DataError
     from clip_train.evaluate.datasets import DatasetError
 
     return (*USER_ERRORS, ResumeError, DataError, DatasetError)

@@ -42,6 +42,11 @@ class ImageTowerConfig:
     lock: bool = False  # freeze the tower (LiT); see unlocked_groups
     unlocked_groups: int = 0  # with lock: keep the last N timm parameter groups trainable
     freeze_bn_stats: bool = True  # with lock: keep BatchNorm running stats fixed too
+    # Input normalisation; empty = what the weights expect (packaged weights' table, else timm's).
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    # Run convolutions in NHWC layout: about 2x faster on CPU for EfficientNet-style towers.
+    channels_last: bool = True
 
 
 @dataclass
@@ -79,6 +84,8 @@ class DataConfig:
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
     max_pixels: int = 50_000_000  # decompression-bomb guard
+    # Bad samples are skipped and counted; above this fraction over a window the run stops.
+    max_skip_frac: float = 0.01
     # train augmentation: RandomResizedCrop scale range (OpenCLIP's default)
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.0

@@ -146,40 +146,41 @@ def main(cfg: RunConfig) -> dict:
     data_pass = 0
 
     def make_loader(step: int):
-        return iter(
-            build_train_loader(
-                cfg.data.train_shards,
-                batch_size=cfg.data.batch_size,
-                num_workers=cfg.data.num_workers,
-                seed=segment_seed(cfg.train.seed, step // segment_len, data_pass),
-                rank=rank,
-                world_size=world,
-                transform=train_transform,
-                tokenize=tokenizer,
-                resampled=cfg.data.resampled,
-                shard_shuffle=cfg.data.shard_shuffle,
-                sample_shuffle=cfg.data.sample_shuffle,
-                image_key=cfg.data.image_key,
-                text_key=cfg.data.text_key,
-                max_pixels=cfg.data.max_pixels,
-            )
+        return build_train_loader(
+            cfg.data.train_shards,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=segment_seed(cfg.train.seed, step // segment_len, data_pass),
+            rank=rank,
+            world_size=world,
+            transform=train_transform,
+            tokenize=tokenizer,
+            resampled=cfg.data.resampled,
+            shard_shuffle=cfg.data.shard_shuffle,
+            sample_shuffle=cfg.data.sample_shuffle,
+            image_key=cfg.data.image_key,
+            text_key=cfg.data.text_key,
+            max_pixels=cfg.data.max_pixels,
+            max_skip_frac=cfg.data.max_skip_frac,
         )
 
     # ---------------------------------------------------------------- loop
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     global_batch = cfg.data.batch_size * world
     loader = make_loader(state.step)
+    batches = iter(loader)
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
     eval_metrics: dict = {}
     model.train()
     while state.step < total:
         fetch_start = time.perf_counter()
         try:
-            images, tokens = next(loader)
+            images, tokens = next(batches)
         except StopIteration:  # one pass over non-resampled shards ended: start the next pass
             data_pass += 1
             loader = make_loader(state.step)
-            images, tokens = next(loader)
+            batches = iter(loader)
+            images, tokens = next(batches)
         window["data_wait"] += time.perf_counter() - fetch_start
         images, tokens = images.to(accelerator.device), tokens.to(accelerator.device)
 
@@ -218,6 +219,7 @@ def main(cfg: RunConfig) -> dict:
                     "samples_per_s": window["steps"] * global_batch / elapsed,
                     "data_wait_frac": window["data_wait"] / elapsed,
                     "samples_seen": state.samples_seen,
+                    **{f"data/{k}": v for k, v in loader.data_errors.stats().items()},
                 },
             )
             window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
@@ -229,6 +231,7 @@ def main(cfg: RunConfig) -> dict:
             if state.step < total:
                 data_pass = 0
                 loader = make_loader(state.step)  # a new segment starts (see the module docstring)
+                batches = iter(loader)
         if kill_at and state.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig, build_dataclass
-from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer
+from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer, image_normalization
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -39,8 +39,12 @@ class ClipModel(nn.Module):
         nn.init.normal_(self.text_proj.weight, std=self.text.num_features**-0.5)
         # Learnable log inverse temperature; the logits use exp(logit_scale).
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        if cfg.image.channels_last:
+            self.visual.to(memory_format=torch.channels_last)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if self.cfg.image.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.image_proj(self.visual(images))
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -61,7 +65,8 @@ class ClipModel(nn.Module):
     # first made from (the towers' architectures are stored, their pretrained sources dropped).
 
     def portable_config(self) -> ModelConfig:
-        image = dataclasses.replace(self.cfg.image, pretrained="", lock=False)
+        mean, std = image_normalization(self.visual, self.cfg.image)
+        image = dataclasses.replace(self.cfg.image, pretrained="", lock=False, mean=mean, std=std)
         text = dataclasses.replace(
             self.cfg.text,
             pretrained="",
@@ -76,8 +81,9 @@ class ClipModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         config = {"format": "clip_train", "model": dataclasses.asdict(self.portable_config())}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-        # save_model (not save_file) copes with tied/shared tensors some text towers have.
-        save_model(self, str(folder / WEIGHTS_NAME))
+        # contiguous(): channels_last weights are not contiguous, and safetensors stores plain layout.
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / TOKENIZER_DIR)
 
@@ -91,7 +97,7 @@ class ClipModel(nn.Module):
             )
         cfg = load_model_config(folder)
         model = cls(cfg)
-        load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
         return model
 
 

@@ -1,0 +1,138 @@
+"""`clip-data`: build image-text shards once, before training.
+
+    clip-data demo --out shards/demo --emoji-package fluent-emoji-3d.tgz
+    clip-data folder photos/ --out shards/photos
+    clip-data manifest pairs.csv --image-col file --caption-col text --out shards/pairs
+
+Re-running is cheap: when the output folder already holds a finished build (its stats.json), the
+command says so and exits 0 without touching it, unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from clip_train.data import DataError
+from clip_train.data.sources import DEMO_SOURCES
+
+PROG = "clip-data"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Write image-text pairs as webdataset tar shards."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,folder,manifest}")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
+    common.add_argument("--max-size", type=int, default=256, help="longer image side in pixels (default 256)")
+    common.add_argument("--val-frac", type=float, default=0.08, help="fraction held out by content hash")
+    common.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    common.add_argument("--workers", type=int, default=2, help="decode processes (default 2)")
+    common.add_argument("--jpeg-quality", type=int, default=90)
+    common.add_argument("--overwrite", action="store_true", help="rebuild even if OUT already holds shards")
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="the real demo sources (Tux Paint, emoji, OpenClipart)"
+    )
+    demo.add_argument(
+        "--sources",
+        default=",".join(DEMO_SOURCES),
+        help=f"comma-separated subset of {','.join(DEMO_SOURCES)}",
+    )
+    demo.add_argument(
+        "--emoji-package",
+        type=Path,
+        help="the .tgz from `npm pack @lobehub/fluent-emoji-3d`, or its extracted folder",
+    )
+
+    folder = commands.add_parser(
+        "folder", parents=[common], help="a folder of images with same-named .txt captions"
+    )
+    folder.add_argument("src", type=Path)
+
+    manifest = commands.add_parser(
+        "manifest", parents=[common], help="a CSV, TSV or JSONL file of image paths and captions"
+    )
+    manifest.add_argument("file", type=Path)
+    manifest.add_argument("--image-col", required=True, help="column with the image path")
+    manifest.add_argument("--caption-col", required=True, help="column with the caption")
+    manifest.add_argument(
+        "--sep", default="auto", help="auto (by extension), tab, comma, jsonl or a character"
+    )
+    return parser
+
+
+def _summary(stats: dict[str, Any], out: Path) -> str:
+    rows = [("source", "train", "val", "skipped")]
+    for name, counts in stats["sources"].items():
+        rows.append((name, counts["train"], counts["val"], sum(counts["skipped"].values())))
+    total = stats["total"]
+    rows.append(("total", total["train"], total["val"], total["skipped"]))
+    lines = [f"{r[0]:<14}{r[1]:>8}{r[2]:>8}{r[3]:>9}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if stats["skipped"]:
+        lines.append("skipped: " + ", ".join(f"{reason} {n}" for reason, n in stats["skipped"].items()))
+    shards = stats["shards"]
+    lines.append(
+        f"{stats['images_per_second']} images/s ({stats['seconds']:.1f} s); "
+        f"shards: {shards['train']} train, {shards['val']} val in {out} (details in stats.json)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage message already
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
+
+    if (args.out / "stats.json").exists() and not args.overwrite:
+        print(f"shards already built in {args.out} (delete it or pass --overwrite)")
+        return 0
+
+    # the writers import PIL and webdataset (and so torch): after the quick exits above
+    from clip_train.data.shards import write_demo, write_folder, write_manifest
+
+    settings = dict(
+        max_size=args.max_size,
+        val_frac=args.val_frac,
+        shard_size=args.shard_size,
+        num_procs=args.workers,
+        jpeg_quality=args.jpeg_quality,
+        overwrite=args.overwrite,
+    )
+    try:
+        if args.command == "demo":
+            sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+            stats = write_demo(args.out, sources=sources, emoji_package=args.emoji_package, **settings)
+        elif args.command == "folder":
+            stats = write_folder(args.src, args.out, **settings)
+        else:
+            stats = write_manifest(
+                args.file,
+                args.out,
+                image_col=args.image_col,
+                caption_col=args.caption_col,
+                sep=args.sep,
+                **settings,
+            )
+    except (DataError, OSError) as e:  # OSError: an --out folder we may not write to, a full disk
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    print(_summary(stats, args.out))
+    return 0
+
+
+if __name__ == "__main__":  # `python -m clip_train.data.build ...`; the installed command is cli.py's
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Encoder towers, pretrained-weight loading and the CLIP model."""

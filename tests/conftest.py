@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny real-format dataset (shapes in colours with captions) built per session."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from clip_train.data.shards import write_folder
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+SHAPES = ["circle", "square", "triangle"]
+
+
+def draw(shape: str, colour: str, size: int = 48, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    off = rng.integers(0, size // 6, size=2)
+    box = [4 + off[0], 4 + off[1], size - 8 + off[0] // 2, size - 8 + off[1] // 2]
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=fill)
+    return img
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """train/val shards of 'a <colour> <shape>' pairs and an ImageFolder of shapes for zero-shot."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    pairs = root / "pairs"
+    pairs.mkdir()
+    i = 0
+    for repeat in range(6):
+        for colour in COLOURS:
+            for shape in SHAPES:
+                draw(shape, colour, seed=i).save(pairs / f"{i:04d}.png")
+                (pairs / f"{i:04d}.txt").write_text(f"a {colour} {shape}")
+                i += 1
+    shards = root / "shards"
+    write_folder(pairs, shards, max_size=48, val_frac=0.2, shard_size=16, num_procs=1)
+    classes = root / "shapes"
+    for shape in SHAPES:
+        (classes / shape).mkdir(parents=True)
+        for j, colour in enumerate(COLOURS):
+            draw(shape, colour, seed=1000 + j).save(classes / shape / f"{j}.png")
+    return {"shards": shards, "classes": classes}

@@ -1,0 +1,84 @@
+"""A tiny real run through the command line: train, get killed, resume, evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clip_train.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _train(run_dir, tiny_data, *extra, env=None):
+    shards = tiny_data["shards"]
+    cmd = [
+        sys.executable, "-m", "clip_train", "train", "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"data.train_shards={shards}/train-*.tar",
+        f"data.val_shards={shards}/val-000000.tar",
+        f"eval.zeroshot=[{{dataset: {tiny_data['classes']}, templates: ['a {{c}}', 'a picture of a {{c}}']}}]",
+        *extra,
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=_repo()
+    )
+
+
+def _repo():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(run_dir) -> dict[int, float]:
+    # a resumed run appends: the last record of each step is the one that counts
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data):
+    straight = _train(tmp_path / "straight", tiny_data)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = _train(tmp_path / "resumed", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9  # SIGKILL: no handler ran, nothing was tidied up
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-000000004"
+    resumed = _train(tmp_path / "resumed", tiny_data)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(want) == sorted(got) == list(range(1, 9))
+    # Steps 5-8 after the resume see the same weights, optimizer state, RNG and batches.
+    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+
+    # metrics.jsonl has the required fields; eval results are in metrics and in JSON files
+    record = read_metrics(tmp_path / "resumed", "train")[-1]
+    for key in ("step", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac"):
+        assert key in record
+    evals = read_metrics(tmp_path / "resumed", "eval")
+    assert evals and evals[-1]["step"] == 8 and "retrieval/text_retrieval_recall@1" in evals[-1]
+    eval_dir = tmp_path / "resumed" / "eval" / "step-000000008"
+    result = json.loads((eval_dir / "shapes_zeroshot_classification.json").read_text())
+    assert result["task"] == "zeroshot_classification" and 0.0 <= result["metrics"]["acc1"] <= 1.0
+    assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-000000004", "step-000000008"]
+
+    # clip-eval on the run directory reproduces the trainer's final numbers from the saved model
+    out = tmp_path / "clip_eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_train", "eval", str(tmp_path / "resumed"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=_repo(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("shapes/acc1", "retrieval/text_retrieval_recall@1", "retrieval/image_retrieval_recall@5"):
+        assert summary[key] == pytest.approx(evals[-1][key])
+
+
+def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
+    proc = _train(tmp_path / "run", tiny_data, f"data.train_shards={tmp_path}/nope-{{000..002}}.tar")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "3 shard(s) not found" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing half-written

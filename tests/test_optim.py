@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clip_train.config import OptimConfig
+from clip_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.text = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+        self.image_proj = nn.Linear(4, 2, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+        self.text[0].weight.requires_grad_(False)  # a frozen parameter is left out
+
+
+def test_groups_exclude_bias_norm_and_logit_scale_from_weight_decay():
+    cfg = OptimConfig(lr=1.0, weight_decay=0.2, tower_lr_mult=0.1)
+    model = Toy()
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    assert members == {
+        "head_decay": ["image_proj.weight"],
+        "head_no_decay": ["logit_scale"],
+        "tower_decay": ["visual.0.weight"],
+        "tower_no_decay": sorted(
+            ["text.1.bias", "text.1.weight", "visual.0.bias", "visual.1.bias", "visual.1.weight"]
+        ),
+    }
+    assert groups["tower_decay"]["weight_decay"] == 0.2 and groups["head_no_decay"]["weight_decay"] == 0.0
+    assert groups["tower_decay"]["lr"] == pytest.approx(0.1) and groups["head_decay"]["lr"] == 1.0
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(50, 110, OptimConfig(warmup_steps=10, schedule="constant")) == 1.0
+
+
+def test_scheduler_drives_every_group_by_the_same_factor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, tower_lr_mult=0.5)
+    optimizer = build_optimizer(Toy(), cfg)
+    scheduler = build_scheduler(optimizer, 10, cfg)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    factor = lr_factor(6, 10, cfg)
+    assert factor == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["head_decay"] == pytest.approx(factor) and lrs["tower_decay"] == pytest.approx(0.5 * factor)
