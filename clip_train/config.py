@@ -134,6 +134,11 @@ class TrainConfig:
     # "none": start fresh (refuses a run_dir that already has checkpoints); or a checkpoint path
     resume: str = "auto"
     cpu: bool = False  # force the CPU even when a GPU is present
+    # Locked-image tuning (LiT) speed-up: with a fully locked image tower (model.image.lock and
+    # unlocked_groups 0) its output per sample never changes, so compute it once per sample and
+    # reuse it. Training images then get the eval transform (no random crop), since a cached
+    # feature stands for one fixed view. Memory: num_features floats per distinct training sample.
+    cache_image_features: bool = False
 
 
 @dataclass

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from clip_train import checkpoint
-from clip_train.config import RunConfig, save_config, to_dict
+from clip_train.config import ConfigError, RunConfig, save_config, to_dict
 from clip_train.data.pipeline import build_train_loader, expand_urls
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.loss import ClipLoss
@@ -55,6 +55,38 @@ class TrainState:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
 
 
+class ImageFeatureCache:
+    """Outputs of a fully locked image tower, per sample key (train.cache_image_features).
+
+    Exact, not an approximation: the locked tower runs in eval mode with frozen BatchNorm and the
+    training images get the deterministic eval transform, so recomputing would give the same values.
+    Not saved in checkpoints; a resumed run refills it with the same values.
+    """
+
+    def __init__(self):
+        self.features: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def lookup(self, model: ClipModel, images: torch.Tensor, keys: list[str], autocast) -> torch.Tensor:
+        missing = [i for i, key in enumerate(keys) if key not in self.features]
+        if missing:
+            with autocast():
+                computed = model.image_tower_features(images[missing]).float().cpu()
+            for i, feature in zip(missing, computed):
+                self.features[keys[i]] = feature
+        return torch.stack([self.features[key] for key in keys]).to(images.device)
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Combinations of settings that cannot work, caught before anything is loaded."""
+    image = cfg.model.image
+    if cfg.train.cache_image_features and not (image.lock and image.unlocked_groups == 0):
+        raise ConfigError(
+            "train.cache_image_features needs a fully locked image tower: "
+            "set model.image.lock=true and model.image.unlocked_groups=0"
+        )
+
+
 def due(step: int, every: int, total: int) -> bool:
     """The one gate for periodic work: every `every` steps (0 = never), and always at the last."""
     return step == total or (every > 0 and step % every == 0)
@@ -67,6 +99,7 @@ def segment_seed(seed: int, segment: int, data_pass: int) -> int:
 
 def main(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
+    check_run_config(cfg)
     # Fail on missing shards before a model is built or a process group waits.
     expand_urls(cfg.data.train_shards)
     if cfg.data.val_shards:
@@ -87,6 +120,9 @@ def main(cfg: RunConfig) -> dict:
     train_transform, eval_transform = build_image_transforms(
         model.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
     )
+    feature_cache = ImageFeatureCache() if cfg.train.cache_image_features else None
+    if feature_cache is not None:
+        train_transform = eval_transform  # one fixed view per sample (see ImageFeatureCache)
     loss_fn = ClipLoss()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
@@ -102,8 +138,8 @@ def main(cfg: RunConfig) -> dict:
         "model": to_dict(cfg.model),
         "world_size": world,
         "batch_size": cfg.data.batch_size,
+        # the data stream is segmented by checkpoint interval (see the module docstring)
         "ckpt_every": cfg.train.ckpt_every,
-        "total_steps": cfg.train.steps,
     }
     if resume_from is not None:
         checkpoint.check_compatible(checkpoint.read_meta(resume_from), expected_meta, resume_from)
@@ -162,6 +198,7 @@ def main(cfg: RunConfig) -> dict:
             text_key=cfg.data.text_key,
             max_pixels=cfg.data.max_pixels,
             max_skip_frac=cfg.data.max_skip_frac,
+            with_keys=feature_cache is not None,
         )
 
     # ---------------------------------------------------------------- loop
@@ -175,17 +212,21 @@ def main(cfg: RunConfig) -> dict:
     while state.step < total:
         fetch_start = time.perf_counter()
         try:
-            images, tokens = next(batches)
+            batch = next(batches)
         except StopIteration:  # one pass over non-resampled shards ended: start the next pass
             data_pass += 1
             loader = make_loader(state.step)
             batches = iter(loader)
-            images, tokens = next(batches)
+            batch = next(batches)
         window["data_wait"] += time.perf_counter() - fetch_start
-        images, tokens = images.to(accelerator.device), tokens.to(accelerator.device)
+        images, tokens = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
+        image_features = None
+        if feature_cache is not None:
+            image_features = feature_cache.lookup(unwrapped, images, batch[3], accelerator.autocast)
+            images = None
 
         with accelerator.autocast():
-            image_emb, text_emb, logit_scale = model(images, tokens)
+            image_emb, text_emb, logit_scale = model(images, tokens, image_features)
             loss = loss_fn(image_emb, text_emb, logit_scale)
         if not torch.isfinite(loss):
             raise FloatingPointError(

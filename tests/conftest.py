@@ -35,7 +35,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     pairs = root / "pairs"
     pairs.mkdir()
     i = 0
-    for repeat in range(6):
+    for _repeat in range(6):
         for colour in COLOURS:
             for shape in SHAPES:
                 draw(shape, colour, seed=i).save(pairs / f"{i:04d}.png")

@@ -19,7 +19,7 @@ def _train(run_dir, tiny_data, *extra, env=None):
         f"run_dir={run_dir}",
         f"data.train_shards={shards}/train-*.tar",
         f"data.val_shards={shards}/val-000000.tar",
-        f"eval.zeroshot=[{{dataset: {tiny_data['classes']}, templates: ['a {{c}}', 'a picture of a {{c}}']}}]",
+        f"eval.zeroshot=[{{dataset: {tiny_data['classes']}, templates: ['a {{c}}', 'a {{c}} shape']}}]",
         *extra,
     ]  # fmt: skip
     return subprocess.run(

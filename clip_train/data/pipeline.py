@@ -285,8 +285,10 @@ def build_train_loader(
     text_key: str = "txt",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_skip_frac: float | None = 0.01,
+    with_keys: bool = False,
 ) -> wds.WebLoader:
-    """A WebLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`.
+    """A WebLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
+    (with_keys: `(images, tokens, captions, keys)`).
 
     Resampled: endless (call next() per step). Not resampled: one pass over this rank's shards;
     build a new loader with seed + 1 for the next pass (the shard order changes with the seed).
@@ -334,7 +336,7 @@ def build_train_loader(
         tokenize=tokenize,
         max_pixels=max_pixels,
         errors=errors,
-        with_meta=False,
+        with_meta=with_keys,
     )
     stages += [
         wds.map(prepare, handler=errors),

@@ -43,17 +43,29 @@ class ClipModel(nn.Module):
             self.visual.to(memory_format=torch.channels_last)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.image_features_to_embedding(self.image_tower_features(images), normalize)
+
+    def image_tower_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.cfg.image.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.image_proj(self.visual(images))
+        return self.visual(images)
+
+    def image_features_to_embedding(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Project image-tower outputs (e.g. cached ones of a locked tower) into the shared space."""
+        features = self.image_proj(features)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.text_proj(self.text(tokens))
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor, image_features=None):
+        """(image_emb, text_emb, exp(logit_scale)); image_features replaces images when given."""
+        if image_features is not None:
+            image_emb = self.image_features_to_embedding(image_features)
+        else:
+            image_emb = self.encode_image(images)
+        return image_emb, self.encode_text(tokens), self.logit_scale.exp()
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -1,0 +1,40 @@
+"""The trainer under two processes (gloo on the CPU), launched the way users launch it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clip_train.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_two_process_run_trains_checkpoints_and_refuses_a_different_world_size(tmp_path, tiny_data):
+    shards = tiny_data["shards"]
+    args = [
+        "-m", "clip_train", "train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
+        f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-000000.tar",
+    ]  # fmt: skip
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        "launch/accelerate/cpu_2proc.yaml", "--main_process_port", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == list(range(1, 9))  # one writer: the main process
+    assert train[-1]["samples_seen"] == 8 * 8 * 2  # steps x per-process batch x processes
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-000000008" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+    # one process cannot continue a two-process run's data stream: refused, one line, exit 2
+    more = subprocess.run(
+        [sys.executable, *args, "train.steps=12"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert more.returncode == 2
+    assert "world_size was 2 there and is 1 now" in more.stderr

@@ -1,0 +1,59 @@
+"""Pieces of the trainer tested without a training run."""
+
+import contextlib
+
+import pytest
+import torch
+
+from clip_train.config import ConfigError, load_config
+from clip_train.models.clip import ClipModel
+from clip_train.train import ImageFeatureCache, check_run_config, due, segment_seed
+
+TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
+
+
+def test_due_gates_every_k_steps_and_always_the_last():
+    assert [s for s in range(1, 11) if due(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if due(s, 0, 10)] == [10]
+
+
+def test_segment_seeds_differ_by_segment_and_pass_and_are_stable():
+    seeds = {segment_seed(0, seg, p) for seg in range(5) for p in range(3)}
+    assert len(seeds) == 15
+    assert segment_seed(3, 2, 1) == segment_seed(3, 2, 1)
+
+
+def test_feature_cache_needs_a_fully_locked_image_tower():
+    cfg = load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_features=true"])
+    with pytest.raises(ConfigError, match="model.image.lock=true"):
+        check_run_config(cfg)
+    cfg.model.image.lock = True
+    cfg.model.image.unlocked_groups = 1
+    with pytest.raises(ConfigError, match="unlocked_groups=0"):
+        check_run_config(cfg)
+    cfg.model.image.unlocked_groups = 0
+    check_run_config(cfg)
+
+
+def test_feature_cache_returns_the_towers_output_and_computes_each_sample_once():
+    cfg = load_config(["configs/tiny.yaml"], TINY + ["model.image.lock=true"])
+    torch.manual_seed(0)
+    model = ClipModel(cfg.model).train()  # train mode: the locked tower must still be deterministic
+    calls = []
+    original = model.image_tower_features
+    model.image_tower_features = lambda x: calls.append(len(x)) or original(x)
+    cache = ImageFeatureCache()
+    images = torch.randn(4, 3, 64, 64)
+    first = cache.lookup(model, images, ["a", "b", "c", "d"], contextlib.nullcontext)
+    with torch.no_grad():
+        assert torch.allclose(first, original(images), atol=1e-6)
+    # b and d again (in another order) plus one new sample: only the new one is computed
+    again = cache.lookup(model, images[[3, 1, 0]], ["d", "b", "e"], contextlib.nullcontext)
+    assert calls == [4, 1]
+    assert torch.equal(again[0], first[3]) and torch.equal(again[1], first[1])
+    # cached features enter the model exactly as the tower's own output would
+    tokens = torch.randint(1, 50, (4, 16))
+    with torch.no_grad():
+        direct = model(images, tokens)[0]
+        via_cache = model(None, tokens, image_features=first)[0]
+    assert torch.allclose(direct, via_cache, atol=1e-6)
