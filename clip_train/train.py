@@ -2,7 +2,8 @@
 
     clip-train configs/tiny.yaml run_dir=runs/tiny data.train_shards=...      # CPU smoke run
     bash launch/quickstart.sh                                                 # the demo recipe
-    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml -m clip_train train configs/tiny.yaml ...
+    torchrun --nproc_per_node 2 -m clip_train train configs/tiny.yaml ...     # 2 processes, gloo on CPU
+    accelerate launch --config_file launch/accelerate/gpu_1node.yaml -m clip_train train configs/demo.yaml ...
 
 Data order: the loader is rebuilt at every checkpoint boundary with a seed derived from
 (seed, segment), where a segment is the span of steps between two checkpoints. An uninterrupted run
@@ -106,7 +107,10 @@ def main(cfg: RunConfig) -> dict:
         expand_urls(cfg.data.val_shards)
     resume_from = checkpoint.resolve_resume(run_dir, cfg.train.resume)
 
-    accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=cfg.train.cpu)
+    # Without a GPU, Accelerate must be told it runs on the CPU: otherwise under torchrun it sets
+    # up no DDP (each process would train alone) while torch.distributed is initialised.
+    use_cpu = cfg.train.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=use_cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

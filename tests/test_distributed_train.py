@@ -1,7 +1,8 @@
-"""The trainer under two processes (gloo on the CPU), launched the way users launch it."""
+"""The trainer under two processes (gloo on the CPU), launched with torchrun as users launch it."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,11 +20,12 @@ def test_two_process_run_trains_checkpoints_and_refuses_a_different_world_size(t
         "-m", "clip_train", "train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
         f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-000000.tar",
     ]  # fmt: skip
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        "launch/accelerate/cpu_2proc.yaml", "--main_process_port", "0",
-    ]  # fmt: skip
-    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    # torchrun sets RANK/WORLD_SIZE; Accelerate then runs DDP over gloo on the CPU
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in train] == list(range(1, 9))  # one writer: the main process
