@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def _init_wandb(run_dir: Path, cfg: LogConfig, config_dict: dict):
 
     # Keep the wandb run id in the run directory so a resumed job continues the same wandb run.
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(
         project=cfg.wandb_project,

@@ -112,6 +112,15 @@ def main(cfg: RunConfig) -> dict:
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=use_cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
+    expected_meta = {
+        "model": to_dict(cfg.model),
+        "world_size": world,
+        "batch_size": cfg.data.batch_size,
+        # the data stream is segmented by checkpoint interval (see the module docstring)
+        "ckpt_every": cfg.train.ckpt_every,
+    }
+    if resume_from is not None:  # refuse an incompatible resume before anything heavy is built
+        checkpoint.check_compatible(checkpoint.read_meta(resume_from), expected_meta, resume_from)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -138,17 +147,16 @@ def main(cfg: RunConfig) -> dict:
     set_seed(cfg.train.seed + rank)  # dropout and augmentation differ across ranks
 
     # ---------------------------------------------------------------- resume
-    expected_meta = {
-        "model": to_dict(cfg.model),
-        "world_size": world,
-        "batch_size": cfg.data.batch_size,
-        # the data stream is segmented by checkpoint interval (see the module docstring)
-        "ckpt_every": cfg.train.ckpt_every,
-    }
     if resume_from is not None:
-        checkpoint.check_compatible(checkpoint.read_meta(resume_from), expected_meta, resume_from)
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    results_path = run_dir / "results.json"
+    if state.step >= cfg.train.steps and results_path.is_file():
+        # A finished run started again (e.g. quickstart re-run): report, do not redo or overwrite.
+        accelerator.print(f"{run_dir} already finished {state.step} steps")
+        logger.close()
+        accelerator.end_training()
+        return {k: v for k, v in json.loads(results_path.read_text()).items() if isinstance(v, float)}
     if accelerator.is_main_process:
         num_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -284,7 +292,7 @@ def main(cfg: RunConfig) -> dict:
     if accelerator.is_main_process:
         export_model(run_dir / "model")
         summary = {"step": state.step, "samples_seen": state.samples_seen, **eval_metrics}
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=1))
+        results_path.write_text(json.dumps(summary, indent=1))
         logger.log("summary", state.step, summary, console=False)
     logger.close()
     accelerator.wait_for_everyone()

@@ -64,6 +64,13 @@ def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data
     assert result["task"] == "zeroshot_classification" and 0.0 <= result["metrics"]["acc1"] <= 1.0
     assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-000000004", "step-000000008"]
 
+    # starting a finished run again reports it and leaves its results alone
+    results = (tmp_path / "resumed" / "results.json").read_text()
+    again = _train(tmp_path / "resumed", tiny_data)
+    assert again.returncode == 0 and "already finished 8 steps" in again.stdout
+    assert (tmp_path / "resumed" / "results.json").read_text() == results
+    assert "retrieval/text_retrieval_recall@1" in again.stdout
+
     # clip-eval on the run directory reproduces the trainer's final numbers from the saved model
     out = tmp_path / "clip_eval"
     proc = subprocess.run(
