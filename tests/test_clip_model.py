@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from clip_train.config import load_config
+from clip_train.models.clip import ClipModel, load_tokenizer
+from clip_train.models.towers import build_tokenizer
+
+TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
+
+
+def _model(*overrides):
+    cfg = load_config(["configs/tiny.yaml"], TINY + list(overrides))
+    torch.manual_seed(0)
+    model = ClipModel(cfg.model)
+    with torch.no_grad():  # move every weight away from its initial value, as training would
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return cfg, model.eval()
+
+
+@pytest.mark.parametrize("lock", [False, True])
+def test_save_and_from_pretrained_reproduce_embeddings_exactly(tmp_path, lock):
+    cfg, model = _model(f"model.image.lock={str(lock).lower()}")
+    tokenizer = build_tokenizer(cfg.model.text)
+    images = torch.randn(3, 3, 64, 64)
+    texts = ["a red circle", "two blue squares on a table", "x"]
+    with torch.no_grad():
+        want = model.encode_image(images), model.encode_text(tokenizer(texts))
+    model.save_pretrained(tmp_path / "m", tokenizer)
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model"]["text"]["tokenizer"] == "tokenizer" and saved["model"]["image"]["pretrained"] == ""
+
+    loaded = ClipModel.from_pretrained(tmp_path / "m").eval()
+    loaded_tokenizer = load_tokenizer(tmp_path / "m")
+    assert torch.equal(loaded_tokenizer(texts), tokenizer(texts))
+    with torch.no_grad():
+        got = loaded.encode_image(images), loaded.encode_text(loaded_tokenizer(texts))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+
+
+def test_embeddings_are_unit_length_and_logit_scale_is_clamped():
+    model = ClipModel(load_config(["configs/tiny.yaml"], TINY).model)
+    tokens = build_tokenizer(model.cfg.text)(["a cat", "a dog"])
+    image_emb, text_emb, scale = model(torch.randn(2, 3, 64, 64), tokens)
+    assert torch.allclose(image_emb.norm(dim=-1), torch.ones(2)) and torch.allclose(
+        text_emb.norm(dim=-1), torch.ones(2)
+    )
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-2)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale()
+    assert model.logit_scale.exp().item() == pytest.approx(100.0)
+
+
+def test_from_pretrained_on_a_wrong_folder_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved clip_train model"):
+        ClipModel.from_pretrained(tmp_path)
