@@ -61,8 +61,8 @@ def save(
     tmp = root / f".tmp-{step_dir_name(step)}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
-        shutil.rmtree(final, ignore_errors=True)  # a step saved twice (e.g. final step == ckpt step)
+        for leftover in root.glob(".tmp-*"):  # saves that were killed mid-way
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -71,7 +71,11 @@ def save(
             export_model(tmp / "model")
         _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
         _fsync_write(tmp / COMPLETE, "")
+        replaced = root / f".old-{final.name}"
+        if final.exists():  # the same step saved again (e.g. after resuming from an older one):
+            os.replace(final, replaced)  # keep it until the new one is in place
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         _fsync_write(root / "latest.tmp", final.name)
         os.replace(root / "latest.tmp", root / "latest")
         prune(root, keep_last)

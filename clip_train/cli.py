@@ -21,12 +21,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from clip_train.checkpoint import ResumeError
     from clip_train.data import DataError
     from clip_train.evaluate.datasets import DatasetError
+    from clip_train.models.pretrained import WeightsMismatchError
 
-    return (*USER_ERRORS, ResumeError, DataError, DatasetError)
+    return (*USER_ERRORS, ResumeError, DataError, DatasetError, WeightsMismatchError, FloatingPointError)
 
 
 def _fail(prog: str, error: Exception) -> int:
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    # An error raised in a DataLoader worker comes back with the worker's traceback in its message;
+    # its last line is the message itself.
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    print(f"{prog}: error: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
     return 2
 
 
@@ -107,7 +111,7 @@ def _evaluate(args) -> int:
     for task in eval_cfg.zeroshot:
         task.limit = args.limit or task.limit
     eval_cfg.batch_size = args.batch_size
-    if not eval_cfg.zeroshot and not val_shards:
+    if not eval_cfg.zeroshot and not (eval_cfg.retrieval and val_shards):
         raise ConfigError("nothing to evaluate: pass --zeroshot DATASET and/or --retrieval SHARDS")
     precision = args.precision or (run_cfg.train.precision if run_cfg else "fp32")
 

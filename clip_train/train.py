@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 
 from clip_train import checkpoint
 from clip_train.config import ConfigError, RunConfig, save_config, to_dict
+from clip_train.data import DataError
 from clip_train.data.pipeline import build_train_loader, expand_urls
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.loss import ClipLoss
@@ -59,8 +60,9 @@ class TrainState:
 class ImageFeatureCache:
     """Outputs of a fully locked image tower, per sample key (train.cache_image_features).
 
-    Exact, not an approximation: the locked tower runs in eval mode with frozen BatchNorm and the
-    training images get the deterministic eval transform, so recomputing would give the same values.
+    Exact, not an approximation: the locked tower's BatchNorm layers are frozen (fixed statistics in
+    any mode), timm towers built with num_classes=0 have no dropout on their features, and the
+    training images get the deterministic eval transform, so recomputing gives the same values.
     Not saved in checkpoints; a resumed run refills it with the same values.
     """
 
@@ -81,10 +83,12 @@ class ImageFeatureCache:
 def check_run_config(cfg: RunConfig) -> None:
     """Combinations of settings that cannot work, caught before anything is loaded."""
     image = cfg.model.image
-    if cfg.train.cache_image_features and not (image.lock and image.unlocked_groups == 0):
+    if cfg.train.cache_image_features and not (
+        image.lock and image.unlocked_groups == 0 and image.freeze_bn_stats
+    ):
         raise ConfigError(
-            "train.cache_image_features needs a fully locked image tower: "
-            "set model.image.lock=true and model.image.unlocked_groups=0"
+            "train.cache_image_features needs a fully locked image tower: set model.image.lock=true, "
+            "model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true"
         )
 
 
@@ -121,10 +125,6 @@ def main(cfg: RunConfig) -> dict:
     }
     if resume_from is not None:  # refuse an incompatible resume before anything heavy is built
         checkpoint.check_compatible(checkpoint.read_meta(resume_from), expected_meta, resume_from)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg.log, to_dict(cfg), enabled=accelerator.is_main_process)
 
     # ---------------------------------------------------------------- model, loss, optimizer
     set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -133,6 +133,11 @@ def main(cfg: RunConfig) -> dict:
     train_transform, eval_transform = build_image_transforms(
         model.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
     )
+    # The run directory is made only once the model is built: a bad model setting leaves nothing.
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg.log, to_dict(cfg), enabled=accelerator.is_main_process)
     feature_cache = ImageFeatureCache() if cfg.train.cache_image_features else None
     if feature_cache is not None:
         train_transform = eval_transform  # one fixed view per sample (see ImageFeatureCache)
@@ -141,9 +146,12 @@ def main(cfg: RunConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     # The webdataset loader is deliberately not prepared: it already splits shards by rank, and
     # prepare() would dispatch or stride its batches a second time.
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not prepared either: Accelerate's wrapper steps it once per process on each
+    # optimizer step (it assumes a prepared, shortened loader), which would run the schedule W times
+    # too fast here. Registered, it is still saved and restored with the checkpoint.
+    model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(scheduler, state)
     set_seed(cfg.train.seed + rank)  # dropout and augmentation differ across ranks
 
     # ---------------------------------------------------------------- resume
@@ -220,6 +228,7 @@ def main(cfg: RunConfig) -> dict:
     batches = iter(loader)
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
     eval_metrics: dict = {}
+    last_eval_step = -1
     model.train()
     while state.step < total:
         fetch_start = time.perf_counter()
@@ -229,7 +238,12 @@ def main(cfg: RunConfig) -> dict:
             data_pass += 1
             loader = make_loader(state.step)
             batches = iter(loader)
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                raise DataError(
+                    f"rank {rank}'s shards yield no full batch of {cfg.data.batch_size}: "
+                    "lower data.batch_size or set data.resampled=true"
+                ) from None
         window["data_wait"] += time.perf_counter() - fetch_start
         images, tokens = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
         image_features = None
@@ -278,6 +292,7 @@ def main(cfg: RunConfig) -> dict:
             window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
         if due(state.step, cfg.train.eval_every, total) and (cfg.eval.zeroshot or cfg.data.val_shards):
             eval_metrics = evaluate(state.step)
+            last_eval_step = state.step
         if due(state.step, cfg.train.ckpt_every, total):
             meta = {**expected_meta, "samples_seen": state.samples_seen}
             checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
@@ -289,6 +304,10 @@ def main(cfg: RunConfig) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- finish
+    # (decided by the step, which every rank agrees on: only the main process holds the metrics)
+    if last_eval_step != state.step and (cfg.eval.zeroshot or cfg.data.val_shards):
+        # resumed from the final checkpoint of a run killed before its final evaluation
+        eval_metrics = evaluate(state.step)
     if accelerator.is_main_process:
         export_model(run_dir / "model")
         summary = {"step": state.step, "samples_seen": state.samples_seen, **eval_metrics}

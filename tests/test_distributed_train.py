@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from clip_train.config import OptimConfig
+from clip_train.optim import lr_factor
 from clip_train.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -38,6 +40,9 @@ def test_two_process_run_trains_checkpoints_and_refuses_a_different_world_size(t
     train = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in train] == list(range(1, 9))  # one writer: the main process
     assert train[-1]["samples_seen"] == 8 * 8 * 2  # steps x per-process batch x processes
+    # the schedule advances once per optimizer step, however many processes there are
+    schedule = OptimConfig(lr=1e-3, warmup_steps=2)
+    assert [r["lr"] for r in train] == pytest.approx([1e-3 * lr_factor(s, 8, schedule) for s in range(1, 9)])
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step-000000008" / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -89,3 +89,21 @@ def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "3 shard(s) not found" in lines[0]
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_a_run_killed_after_its_final_checkpoint_still_gets_its_final_evaluation(tmp_path, tiny_data):
+    killed = _train(tmp_path / "run", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "8"})
+    assert killed.returncode == -9 and not (tmp_path / "run" / "results.json").exists()
+    finished = _train(tmp_path / "run", tiny_data)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["step"] == 8 and "retrieval/text_retrieval_recall@1" in results
+
+
+def test_a_bad_model_setting_fails_in_one_line_and_leaves_no_run_dir(tmp_path, tiny_data):
+    proc = _train(tmp_path / "run", tiny_data, "model.image.name=resnet5")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "clip-train: error: model.image.name=resnet5 is not a timm model: did you mean resnet50?"
+    )
+    assert not (tmp_path / "run").exists()

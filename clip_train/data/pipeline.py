@@ -212,7 +212,7 @@ class _Prepare:
         tokenize: Callable,
         max_pixels: int,
         errors: DataErrors,
-        with_meta: bool,
+        with_meta: bool | str,
     ):
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
@@ -244,6 +244,8 @@ class _Prepare:
         if tokens.dim() == 2 and tokens.shape[0] == 1:  # tokenizers that return [1, L] for one text
             tokens = tokens[0]
         self.errors.ok()
+        if self.with_meta == "url_key":  # unique across shard sets (keys are unique per writer only)
+            key = f"{sample.get('__url__')}/{key}"
         return (pixels, tokens, caption, key) if self.with_meta else (pixels, tokens)
 
 
@@ -288,7 +290,7 @@ def build_train_loader(
     with_keys: bool = False,
 ) -> wds.WebLoader:
     """A WebLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
-    (with_keys: `(images, tokens, captions, keys)`).
+    (with_keys: `(images, tokens, captions, keys)`, each key prefixed with its shard URL).
 
     Resampled: endless (call next() per step). Not resampled: one pass over this rank's shards;
     build a new loader with seed + 1 for the next pass (the shard order changes with the seed).
@@ -336,7 +338,7 @@ def build_train_loader(
         tokenize=tokenize,
         max_pixels=max_pixels,
         errors=errors,
-        with_meta=with_keys,
+        with_meta="url_key" if with_keys else False,
     )
     stages += [
         wds.map(prepare, handler=errors),

@@ -24,7 +24,7 @@ from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
-from clip_train.config import ImageTowerConfig, TextTowerConfig
+from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig
 from clip_train.models.pretrained import (
     image_package,
     load_image_weights,
@@ -44,14 +44,14 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     pkg = image_package(cfg.pretrained) if cfg.pretrained else None
     if pkg is not None and cfg.name != pkg.timm_name:
         # the keys would load, but padding and BN eps differ, so the features would be silently wrong
-        raise ValueError(
+        raise ConfigError(
             f"model.image.pretrained={cfg.pretrained} needs model.image.name={pkg.timm_name}, not {cfg.name}"
         )
     pcfg = get_pretrained_cfg(cfg.name)
     if pcfg is None and cfg.name not in timm.list_models():
         close = difflib.get_close_matches(cfg.name, timm.list_models(), n=1)
         hint = f"did you mean {close[0]}?" if close else "see timm.list_models()"
-        raise ValueError(f"model.image.name={cfg.name} is not a timm model: {hint}")
+        raise ConfigError(f"model.image.name={cfg.name} is not a timm model: {hint}")
     kwargs = {}
     if pcfg is not None and pcfg.fixed_input_size:
         # ViT-style models size their position embeddings at build time; CNNs take any size
@@ -77,18 +77,18 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     Returns the model (the same object, unless the model itself is a single BatchNorm).
     """
     if unlocked_groups < 0:
-        raise ValueError(f"model.image.unlocked_groups={unlocked_groups} must be >= 0")
+        raise ConfigError(f"model.image.unlocked_groups={unlocked_groups} must be >= 0")
     if unlocked_groups == 0:
         for p in model.parameters():
             p.requires_grad = False
         return freeze_batch_norm_2d(model) if freeze_bn_stats else model
 
     if not hasattr(model, "group_matcher"):
-        raise ValueError(f"{type(model).__name__} has no timm group_matcher: use unlocked_groups=0")
+        raise ConfigError(f"{type(model).__name__} has no timm group_matcher: use unlocked_groups=0")
     matcher = model.group_matcher(coarse=False)
     groups = group_parameters(model, matcher)  # {group id: [parameter names]}, ids 0..n-1 from input side
     if unlocked_groups > len(groups):
-        raise ValueError(f"model.image.unlocked_groups={unlocked_groups} exceeds the {len(groups)} groups")
+        raise ConfigError(f"model.image.unlocked_groups={unlocked_groups} exceeds the {len(groups)} groups")
     last_frozen = max(groups) - unlocked_groups
     frozen = {name for gid, names in groups.items() if gid <= last_frozen for name in names}
     for name, p in model.named_parameters():
@@ -165,12 +165,12 @@ class TextTower(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             choices = ", ".join(POOLINGS)
-            raise ValueError(f"model.text.pooling={pooling!r} is not allowed: choose one of {choices}")
+            raise ConfigError(f"model.text.pooling={pooling!r} is not allowed: choose one of {choices}")
         self.transformer = transformer
         self.pooling = pooling
         pad = transformer.config.pad_token_id if pad_token_id is None else pad_token_id
         if pad is None:
-            raise ValueError("the text model config has no pad_token_id: set it in model.text.hf_config")
+            raise ConfigError("the text model config has no pad_token_id: set it in model.text.hf_config")
         self.pad_token_id = int(pad)
         self.num_features = transformer.get_input_embeddings().embedding_dim
         self.frozen_modules: list[str] = []  # names in self.transformer kept in eval mode (see lock)
@@ -210,7 +210,7 @@ class TextTower(nn.Module):
         """
         layers = _layer_stack(self.transformer)
         if not 0 <= unlocked_layers <= len(layers):
-            raise ValueError(f"model.text.unlocked_layers={unlocked_layers} must be in 0..{len(layers)}")
+            raise ConfigError(f"model.text.unlocked_layers={unlocked_layers} must be in 0..{len(layers)}")
         layer_ids = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
         first_unlocked = len(layers) - unlocked_layers
         seen_layers = False
@@ -235,7 +235,7 @@ def _layer_stack(model: nn.Module) -> nn.ModuleList:
     """The transformer's list of layers (encoder.layer for BERT): its largest ModuleList."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"cannot find the layer list of {type(model).__name__} to lock it")
+        raise ConfigError(f"cannot find the layer list of {type(model).__name__} to lock it")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
@@ -275,7 +275,7 @@ def build_text_tower(cfg: TextTowerConfig) -> TextTower:
         kwargs = dict(cfg.hf_config)
         model_type = kwargs.pop("model_type", None)
         if not model_type:
-            raise ValueError(
+            raise ConfigError(
                 "model.text.hf_config needs a model_type (e.g. bert); or set model.text.pretrained"
             )
         if tokenizer is not None:
@@ -285,7 +285,7 @@ def build_text_tower(cfg: TextTowerConfig) -> TextTower:
     _drop_unused_pooler(transformer)
     max_positions = getattr(transformer.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.context_length > max_positions:
-        raise ValueError(
+        raise ConfigError(
             f"model.text.context_length={cfg.context_length} exceeds the text model's "
             f"max_position_embeddings={max_positions}: lower it"
         )
@@ -294,13 +294,13 @@ def build_text_tower(cfg: TextTowerConfig) -> TextTower:
         if pad is None:
             pad = tokenizer.pad_token_id
         elif pad != tokenizer.pad_token_id:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer pads with id {tokenizer.pad_token_id} but the text model with {pad}: "
                 "use the tokenizer that belongs to the model (model.text.tokenizer)"
             )
         rows = transformer.get_input_embeddings().num_embeddings
         if tokenizer.vocab_size > rows:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the text model only {rows} embeddings: "
                 "raise model.text.hf_config.vocab_size or use the model's own tokenizer"
             )
@@ -323,12 +323,12 @@ class TextTokenizer:
 
     def __init__(self, tokenizer, context_length: int):
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path} has no pad token: pick another tokenizer")
+            raise ConfigError(f"tokenizer {tokenizer.name_or_path} has no pad token: pick another tokenizer")
         specials = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id}
         specials.add(tokenizer.eos_token_id)
         if tokenizer.pad_token_id in specials:
             # the towers find padding by its id; a pad id shared with a real token would be masked out
-            raise ValueError(f"tokenizer {tokenizer.name_or_path} pads with a token that also ends texts")
+            raise ConfigError(f"tokenizer {tokenizer.name_or_path} pads with a token that also ends texts")
         tokenizer.padding_side = "right"
         tokenizer.truncation_side = "right"
         self.tokenizer = tokenizer
@@ -371,14 +371,14 @@ def build_tokenizer(cfg: TextTowerConfig) -> TextTokenizer:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = cfg.tokenizer or cfg.pretrained
     if not spec:
-        raise ValueError(
+        raise ConfigError(
             "model.text.tokenizer and model.text.pretrained are both empty: set model.text.tokenizer to "
             "builtin:tiny or a local tokenizer folder"
         )
     if spec == "builtin:tiny":
         tokenizer = tiny_tokenizer()
     elif spec.startswith("builtin:"):
-        raise ValueError(f"model.text.tokenizer={spec} is unknown: the built-in tokenizer is builtin:tiny")
+        raise ConfigError(f"model.text.tokenizer={spec} is unknown: the built-in tokenizer is builtin:tiny")
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_text_folder(spec), local_files_only=True)
     return TextTokenizer(tokenizer, cfg.context_length)
