@@ -431,7 +431,11 @@ def test_caption_rules():
     assert _emoji_caption([0x1F600], data) is None
 
 
-EMOJI_PACKAGE = os.environ.get("CLIP_TRAIN_EMOJI_PACKAGE", "/tmp/inst/lobehub-fluent-emoji-3d-1.1.0.tgz")
+# the tarball launch/install.sh fetches (npm pack) into the cache folder, when it is there
+_CACHE = Path(os.environ.get("CLIP_TRAIN_CACHE", Path.home() / ".cache" / "clip_train"))
+EMOJI_PACKAGE = os.environ.get(
+    "CLIP_TRAIN_EMOJI_PACKAGE", str(next(iter(sorted(_CACHE.glob("lobehub-fluent-emoji-3d-*.tgz"))), ""))
+)
 
 
 def test_real_demo_sources(tmp_path):
@@ -441,7 +445,7 @@ def test_real_demo_sources(tmp_path):
     available = []
     if sources.TUXPAINT_DIR.is_dir():
         available.append(itertools.islice(sources.tuxpaint_records(), 0, 400, 40))
-    if Path(EMOJI_PACKAGE).exists():
+    if EMOJI_PACKAGE and Path(EMOJI_PACKAGE).exists():
         available.append(itertools.islice(sources.emoji_records(EMOJI_PACKAGE), 0, 400, 40))
     if sources.OPENCLIPART_PNG_DIR.is_dir() and sources.OPENCLIPART_SVG_DIR.is_dir():
         available.append(itertools.islice(sources.openclipart_records(), 0, 400, 40))
