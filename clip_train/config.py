@@ -68,8 +68,20 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 256
-    init_logit_scale: float = math.log(1 / 0.07)
+    # Initial log temperature and logit bias; empty = the loss's own convention, filled in when the
+    # config is loaded: ln(1/0.07) and no bias for InfoNCE (CLIP), ln(10) and -10 for SigLIP.
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
     max_logit_scale: float = math.log(100)
+
+
+@dataclass
+class LossConfig:
+    kind: str = _choice("infonce", "infonce", "siglip")
+    # auto = local. dense: the full N x N matrix on every process (baseline); local: this process's
+    # rows against all gathered columns; tiled: local computed block by block, memory linear in N.
+    impl: str = _choice("auto", "auto", "dense", "local", "tiled")
+    block_size: int = 1024  # tiled: rows and columns per tile
 
 
 @dataclass
@@ -134,6 +146,9 @@ class TrainConfig:
     # "none": start fresh (refuses a run_dir that already has checkpoints); or a checkpoint path
     resume: str = "auto"
     cpu: bool = False  # force the CPU even when a GPU is present
+    # Contrastive gradient accumulation (GradCache): k micro-batches of data.batch_size per process
+    # form one contrastive batch of k * batch_size per process; activation memory of one micro-batch.
+    accum_steps: int = 1
     # Locked-image tuning (LiT) speed-up: with a fully locked image tower (model.image.lock and
     # unlocked_groups 0) its output per sample never changes, so compute it once per sample and
     # reuse it. Training images then get the eval transform (no random crop), since a cached
@@ -152,6 +167,7 @@ class LogConfig:
 class RunConfig:
     run_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -188,7 +204,27 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
     # Required values are checked after the whole tree, so that a typo is reported as a typo
     # rather than as the required value it failed to set.
     _require_all(cfg, prefix="")
+    if isinstance(cfg, RunConfig):
+        fill_loss_defaults(cfg)
+        if cfg.train.accum_steps < 1:
+            raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+        if cfg.loss.block_size < 1:
+            raise ConfigError(f"loss.block_size must be at least 1, got {cfg.loss.block_size}")
     return cfg
+
+
+# The temperature and bias each loss starts from: CLIP's 0.07; SigLIP's t = 10, b = -10 (its
+# paper), a bias that makes the many negatives start near sigmoid(-10) instead of dominating.
+LOSS_INIT = {"infonce": (math.log(1 / 0.07), None), "siglip": (math.log(10), -10.0)}
+
+
+def fill_loss_defaults(cfg: RunConfig) -> None:
+    """Fill model.init_logit_scale / init_logit_bias left empty with the chosen loss's values."""
+    scale, bias = LOSS_INIT[cfg.loss.kind]
+    if cfg.model.init_logit_scale is None:
+        cfg.model.init_logit_scale = scale
+    if cfg.model.init_logit_bias is None:
+        cfg.model.init_logit_bias = bias
 
 
 def _require_all(obj: Any, prefix: str) -> None:

@@ -27,11 +27,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from clip_train import checkpoint
+from clip_train.accumulation import accumulated_backward
 from clip_train.config import ConfigError, RunConfig, save_config, to_dict
 from clip_train.data import DataError
 from clip_train.data.pipeline import build_train_loader, expand_urls
 from clip_train.evaluate.runner import run_evaluation
-from clip_train.loss import ClipLoss
+from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.clip import ClipModel
 from clip_train.models.towers import build_image_transforms, build_tokenizer
 from clip_train.optim import build_optimizer, build_scheduler
@@ -92,6 +93,13 @@ def check_run_config(cfg: RunConfig) -> None:
         )
 
 
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at step {step}: lower optim.lr or use train.precision=fp32"
+        )
+
+
 def due(step: int, every: int, total: int) -> bool:
     """The one gate for periodic work: every `every` steps (0 = never), and always at the last."""
     return step == total or (every > 0 and step % every == 0)
@@ -120,6 +128,7 @@ def main(cfg: RunConfig) -> dict:
         "model": to_dict(cfg.model),
         "world_size": world,
         "batch_size": cfg.data.batch_size,
+        "accum_steps": cfg.train.accum_steps,  # micro-batches read per step: part of the data order
         # the data stream is segmented by checkpoint interval (see the module docstring)
         "ckpt_every": cfg.train.ckpt_every,
     }
@@ -141,7 +150,7 @@ def main(cfg: RunConfig) -> dict:
     feature_cache = ImageFeatureCache() if cfg.train.cache_image_features else None
     if feature_cache is not None:
         train_transform = eval_transform  # one fixed view per sample (see ImageFeatureCache)
-    loss_fn = ClipLoss()
+    loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     # The webdataset loader is deliberately not prepared: it already splits shards by rank, and
@@ -223,14 +232,26 @@ def main(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------- loop
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
-    global_batch = cfg.data.batch_size * world
+    accum = cfg.train.accum_steps
+    global_batch = cfg.data.batch_size * world * accum  # pairs in one contrastive batch
+    logger.log(
+        "setup",
+        state.step,
+        {
+            "loss_kind": cfg.loss.kind,
+            "loss_impl": loss_fn.impl,
+            "block_size": cfg.loss.block_size,
+            "accum_steps": accum,
+            "world_size": world,
+            "contrastive_batch": global_batch,
+        },
+    )
     loader = make_loader(state.step)
     batches = iter(loader)
-    window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
-    eval_metrics: dict = {}
-    last_eval_step = -1
-    model.train()
-    while state.step < total:
+
+    def next_micro_batch() -> tuple:
+        """(images or None, tokens, cached image features or None) on the device."""
+        nonlocal loader, batches, data_pass
         fetch_start = time.perf_counter()
         try:
             batch = next(batches)
@@ -246,20 +267,31 @@ def main(cfg: RunConfig) -> dict:
                 ) from None
         window["data_wait"] += time.perf_counter() - fetch_start
         images, tokens = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
-        image_features = None
-        if feature_cache is not None:
-            image_features = feature_cache.lookup(unwrapped, images, batch[3], accelerator.autocast)
-            images = None
+        if feature_cache is None:
+            return images, tokens, None
+        return None, tokens, feature_cache.lookup(unwrapped, images, batch[3], accelerator.autocast)
 
-        with accelerator.autocast():
-            image_emb, text_emb, logit_scale = model(images, tokens, image_features)
-            loss = loss_fn(image_emb, text_emb, logit_scale)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {state.step + 1}: "
-                "lower optim.lr or use train.precision=fp32"
+    window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
+    eval_metrics: dict = {}
+    last_eval_step = -1
+    model.train()
+    while state.step < total:
+        micro_batches = [next_micro_batch() for _ in range(accum)]
+        if accum == 1:
+            with accelerator.autocast():
+                loss = loss_fn(*model(*micro_batches[0]))
+            check_finite(loss, state.step + 1)
+            accelerator.backward(loss)
+        else:
+            loss = accumulated_backward(
+                model,
+                micro_batches,
+                loss_fn,
+                autocast=accelerator.autocast,
+                backward=accelerator.backward,
+                no_sync=lambda: accelerator.no_sync(model),
             )
-        accelerator.backward(loss)
+            check_finite(loss, state.step + 1)
         grad_norm = None
         if cfg.optim.grad_clip > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -282,6 +314,11 @@ def main(cfg: RunConfig) -> dict:
                     "loss": mean_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "logit_scale": unwrapped.logit_scale.exp().item(),
+                    **(
+                        {"logit_bias": unwrapped.logit_bias.item()}
+                        if unwrapped.logit_bias is not None
+                        else {}
+                    ),
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": window["steps"] * global_batch / elapsed,
                     "data_wait_frac": window["data_wait"] / elapsed,

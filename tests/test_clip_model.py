@@ -44,11 +44,11 @@ def test_save_and_from_pretrained_reproduce_embeddings_exactly(tmp_path, lock):
 def test_embeddings_are_unit_length_and_logit_scale_is_clamped():
     model = ClipModel(load_config(["configs/tiny.yaml"], TINY).model)
     tokens = build_tokenizer(model.cfg.text)(["a cat", "a dog"])
-    image_emb, text_emb, scale = model(torch.randn(2, 3, 64, 64), tokens)
+    image_emb, text_emb, scale, bias = model(torch.randn(2, 3, 64, 64), tokens)
     assert torch.allclose(image_emb.norm(dim=-1), torch.ones(2)) and torch.allclose(
         text_emb.norm(dim=-1), torch.ones(2)
     )
-    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-2)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-2) and bias is None  # InfoNCE: no bias
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     model.clamp_logit_scale()

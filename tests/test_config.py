@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -37,6 +38,10 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("train.precision=bf61", "did you mean bf16?"),
         ("eval.zeroshot=[{dataset: a, limt: 3}]", "unknown config key eval.zeroshot[0].limt: did you mean"),
         ("optim", "override 'optim' is not key=value"),
+        ("loss.impl=tile", "did you mean tiled?"),
+        ("loss.kind=sigmoid", "loss.kind='sigmoid'"),
+        ("train.accum_steps=0", "train.accum_steps must be at least 1"),
+        ("loss.block_size=0", "loss.block_size must be at least 1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, message):
@@ -78,3 +83,19 @@ def test_cli_exits_2_with_one_line_before_loading_anything(tmp_path):
         "clip-train: error: unknown config key optim.lrr: did you mean optim.lr?"
     ]
     assert "torch" not in proc.stdout
+
+
+def test_temperature_and_bias_start_from_the_chosen_losses_convention():
+    clip = load_config([], REQUIRED)
+    assert (
+        clip.model.init_logit_scale == pytest.approx(math.log(1 / 0.07))
+        and clip.model.init_logit_bias is None
+    )
+    siglip = load_config([], REQUIRED + ["loss.kind=siglip"])
+    assert (
+        siglip.model.init_logit_scale == pytest.approx(math.log(10)) and siglip.model.init_logit_bias == -10.0
+    )
+    mine = load_config(
+        [], REQUIRED + ["loss.kind=siglip", "model.init_logit_bias=-5", "model.init_logit_scale=1"]
+    )
+    assert mine.model.init_logit_scale == 1.0 and mine.model.init_logit_bias == -5.0

@@ -21,6 +21,8 @@ def test_two_process_run_trains_checkpoints_and_refuses_a_different_world_size(t
     args = [
         "-m", "clip_train", "train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
         f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-000000.tar",
+        # the exact large-batch machinery under DDP: tiled loss over the gather, GradCache + no_sync
+        "loss.impl=tiled", "loss.block_size=5", "train.accum_steps=2",
     ]  # fmt: skip
     # torchrun sets RANK/WORLD_SIZE; Accelerate then runs DDP over gloo on the CPU
     with socket.socket() as s:
@@ -39,7 +41,9 @@ def test_two_process_run_trains_checkpoints_and_refuses_a_different_world_size(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in train] == list(range(1, 9))  # one writer: the main process
-    assert train[-1]["samples_seen"] == 8 * 8 * 2  # steps x per-process batch x processes
+    assert train[-1]["samples_seen"] == 8 * 8 * 2 * 2  # steps x micro-batch x micro-batches x processes
+    setup = read_metrics(tmp_path / "run", "setup")[0]
+    assert (setup["loss_impl"], setup["world_size"], setup["contrastive_batch"]) == ("tiled", 2, 32)
     # the schedule advances once per optimizer step, however many processes there are
     schedule = OptimConfig(lr=1e-3, warmup_steps=2)
     assert [r["lr"] for r in train] == pytest.approx([1e-3 * lr_factor(s, 8, schedule) for s in range(1, 9)])

@@ -107,3 +107,23 @@ def test_a_bad_model_setting_fails_in_one_line_and_leaves_no_run_dir(tmp_path, t
         "clip-train: error: model.image.name=resnet5 is not a timm model: did you mean resnet50?"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_path, tiny_data):
+    run_dir = tmp_path / "siglip"
+    loss_settings = ["loss.kind=siglip", "loss.impl=tiled", "loss.block_size=5", "train.accum_steps=2"]
+    done = _train(run_dir, tiny_data, *loss_settings, "train.steps=4", "train.ckpt_every=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    setup = read_metrics(run_dir, "setup")[0]
+    assert setup["loss_kind"] == "siglip" and setup["loss_impl"] == "tiled" and setup["accum_steps"] == 2
+    assert setup["contrastive_batch"] == 16  # 2 micro-batches of 8 on one process
+    train = read_metrics(run_dir, "train")
+    assert train[-1]["samples_seen"] == 4 * 16
+    # SigLIP's learnable bias starts at -10 (its paper's init) and is trained
+    assert -10.5 < train[0]["logit_bias"] < -9.5 and train[0]["logit_bias"] != train[-1]["logit_bias"]
+    assert all(r["loss"] == r["loss"] for r in train)  # finite (NaN != NaN)
+
+    # continuing with another accumulation would read the data differently: refused, one line
+    more = _train(run_dir, tiny_data, *loss_settings[:3], "train.accum_steps=1", "train.steps=6")
+    assert more.returncode == 2
+    assert "accum_steps was 2 there and is 1 now" in more.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -37,8 +38,13 @@ class ClipModel(nn.Module):
         self.text_proj = nn.Linear(self.text.num_features, cfg.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
         nn.init.normal_(self.text_proj.weight, std=self.text.num_features**-0.5)
-        # Learnable log inverse temperature; the logits use exp(logit_scale).
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # Learnable log inverse temperature; the logits use exp(logit_scale). A learnable logit
+        # bias exists only when configured (SigLIP); InfoNCE is invariant to it.
+        init_scale = cfg.init_logit_scale if cfg.init_logit_scale is not None else math.log(1 / 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.logit_bias = None
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
         if cfg.image.channels_last:
             self.visual.to(memory_format=torch.channels_last)
 
@@ -60,12 +66,13 @@ class ClipModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor | None, tokens: torch.Tensor, image_features=None):
-        """(image_emb, text_emb, exp(logit_scale)); image_features replaces images when given."""
+        """(image_emb, text_emb, exp(logit_scale), logit_bias or None): what the loss takes.
+        image_features (outputs of a locked image tower) replace images when given."""
         if image_features is not None:
             image_emb = self.image_features_to_embedding(image_features)
         else:
             image_emb = self.encode_image(images)
-        return image_emb, self.encode_text(tokens), self.logit_scale.exp()
+        return image_emb, self.encode_text(tokens), self.logit_scale.exp(), self.logit_bias
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
