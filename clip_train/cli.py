@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from clip_train.config import ConfigError, EvalConfig, ZeroShotTask, load_config
+from clip_train.config import ConfigError, EvalConfig, RetrievalTask, ZeroShotTask, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -63,25 +63,53 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+EVAL_EPILOG = """examples:
+  clip-eval runs/demo                                    # the run's own evaluation config
+  clip-eval runs/demo/model --zeroshot fashion-mnist tuxpaint emoji --template-set openai_imagenet
+  clip-eval runs/demo --zeroshot wds:data/val-{000..003}.tar --class-key json:label --classnames names.txt
+  clip-eval runs/demo --retrieval data/val-*.tar pairs.csv --linear-probe 2000
+  torchrun --nproc_per_node 2 -m clip_train eval runs/demo --zeroshot fashion-mnist   # split over 2 processes
+"""
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="clip-eval",
         description="Evaluate a saved model: a model folder, a checkpoint, or a run directory.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "target", help="model folder (config.json + model.safetensors), checkpoint or run dir"
     )
     parser.add_argument(
-        "--zeroshot", nargs="*", default=None, help="datasets: fashion-mnist or class folders"
+        "--zeroshot",
+        nargs="*",
+        default=None,
+        help="classification sets: fashion-mnist, tuxpaint, emoji, a folder of class folders, wds:SHARDS",
     )
     parser.add_argument(
         "--templates", nargs="*", default=None, help='prompt templates with {c}, e.g. "a {c}."'
     )
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images per dataset")
-    parser.add_argument("--retrieval", default=None, help="shards of held-out image-caption pairs")
+    parser.add_argument("--template-set", default="", help="default, openai_imagenet or a file of templates")
+    parser.add_argument("--classnames", default="", help="file of class names, one per line")
+    parser.add_argument(
+        "--class-key", default="cls", help="wds: sample member (or json:FIELD) holding the class"
+    )
+    parser.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced images per dataset")
+    parser.add_argument(
+        "--retrieval",
+        nargs="*",
+        default=None,
+        help="image-caption sets: shards, or .csv/.tsv/.jsonl manifests",
+    )
+    parser.add_argument(
+        "--linear-probe", type=int, default=0, metavar="N", help="also a linear probe on N images"
+    )
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out", default=None, help="folder for the JSON results (default: <target>/eval)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG per task")
+    parser.add_argument("--out", default=None, help="folder for the results (default: <run>/eval/clip-eval)")
     args = parser.parse_args(argv)
     try:
         return _evaluate(args)
@@ -89,46 +117,66 @@ def eval_main(argv: list[str] | None = None) -> int:
         return _fail("clip-eval", e)
 
 
+def _eval_config(args, run_cfg) -> tuple[EvalConfig, str]:
+    """The tasks: the command line's, else the run's own evaluation config."""
+    if args.zeroshot is None and args.retrieval is None:
+        if run_cfg is None:
+            raise ConfigError("nothing to evaluate: pass --zeroshot DATASET and/or --retrieval SHARDS")
+        eval_cfg, val_shards = run_cfg.eval, run_cfg.data.val_shards
+    else:
+        tasks = [
+            ZeroShotTask(
+                dataset=d,
+                templates=list(args.templates or []),
+                template_set=args.template_set,
+                classnames=args.classnames,
+                class_key=args.class_key,
+            )
+            for d in args.zeroshot or []
+        ]
+        retrieval = [RetrievalTask(dataset=d) for d in args.retrieval or []]
+        eval_cfg, val_shards = EvalConfig(zeroshot=tasks, retrieval=False, retrieval_tasks=retrieval), ""
+    for task in eval_cfg.zeroshot:
+        task.limit = args.limit or task.limit
+        if args.linear_probe:
+            task.linear_probe_train = args.linear_probe
+    for task in eval_cfg.retrieval_tasks:
+        task.limit = args.limit or task.limit
+    eval_cfg.retrieval_limit = args.limit or eval_cfg.retrieval_limit
+    eval_cfg.batch_size = args.batch_size
+    eval_cfg.plots = eval_cfg.plots and not args.no_plots
+    if not eval_cfg.zeroshot and not eval_cfg.retrieval_tasks and not (eval_cfg.retrieval and val_shards):
+        raise ConfigError("nothing to evaluate: pass --zeroshot DATASET and/or --retrieval SHARDS")
+    return eval_cfg, val_shards
+
+
 def _evaluate(args) -> int:
     import torch
+    from accelerate import Accelerator
 
     from clip_train.evaluate.runner import run_evaluation
     from clip_train.models.clip import ClipModel, load_tokenizer
     from clip_train.models.towers import build_image_transforms
+    from clip_train.train import format_results
 
     model_dir, run_cfg = resolve_model_dir(Path(args.target))
-    if args.zeroshot is None and args.retrieval is None and run_cfg is not None:
-        eval_cfg, val_shards = run_cfg.eval, run_cfg.data.val_shards
-    else:
-        tasks = [ZeroShotTask(dataset=d) for d in args.zeroshot or []]
-        if args.templates:
-            for task in tasks:
-                task.templates = list(args.templates)
-        eval_cfg, val_shards = (
-            EvalConfig(zeroshot=tasks, retrieval=bool(args.retrieval)),
-            args.retrieval or "",
-        )
-    for task in eval_cfg.zeroshot:
-        task.limit = args.limit or task.limit
-    eval_cfg.batch_size = args.batch_size
-    if not eval_cfg.zeroshot and not (eval_cfg.retrieval and val_shards):
-        raise ConfigError("nothing to evaluate: pass --zeroshot DATASET and/or --retrieval SHARDS")
+    eval_cfg, val_shards = _eval_config(args, run_cfg)
     precision = args.precision or (run_cfg.train.precision if run_cfg else "fp32")
-
+    # Under torchrun the Accelerator joins the process group: each process encodes its share.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = ClipModel.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
     _, eval_transform = build_image_transforms(model.visual, model.cfg.image)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model.to(accelerator.device)
     out = Path(args.out) if args.out else model_dir.parent / "eval" / "clip-eval"
     metrics = run_evaluation(
-        model, tokenizer, eval_transform, eval_cfg, val_shards, device, precision, out_dir=out,
+        model, tokenizer, eval_transform, eval_cfg, val_shards, accelerator.device, precision, out_dir=out,
         model_name=str(args.target),
     )  # fmt: skip
-    from clip_train.train import format_results
-
-    print(f"results ({model_dir}):\n{format_results(metrics)}\nwritten to {out}")
-    (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+        print(f"results ({model_dir}):\n{format_results(metrics)}\nwritten to {out}")
+    accelerator.end_training()
     return 0
 
 

@@ -120,9 +120,26 @@ class OptimConfig:
 
 @dataclass
 class ZeroShotTask:
-    dataset: str = MISSING  # "fashion-mnist" or a folder with one sub-folder per class
-    limit: int = 0  # evaluate the first N images (0 = all)
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+    # fashion-mnist | tuxpaint | emoji (the demo's held-out images by category) | a folder with one
+    # sub-folder per class | wds:<shards> (class from class_key)
+    dataset: str = MISSING
+    limit: int = 0  # evaluate N evenly spaced images (0 = all)
+    # Prompt templates with {c}; empty = template_set, else the dataset's own shipped set, else "default"
+    templates: list[str] = field(default_factory=list)
+    template_set: str = ""  # "default", "openai_imagenet" (CLIP's 80) or a file, one template per line
+    classnames: str = ""  # a file, one class name per line (line i = class i); empty = the dataset's
+    class_key: str = "cls"  # wds: the sample member holding the class, or json:<field>
+    # Also fit a logistic-regression probe on frozen image features of this many training images
+    # (fashion-mnist's train split; 0 = no probe): the supervised reference for the zero-shot number.
+    linear_probe_train: int = 0
+
+
+@dataclass
+class RetrievalTask:
+    dataset: str = MISSING  # shards of image-caption pairs, or a .csv/.tsv/.jsonl manifest
+    limit: int = 0  # first N images (0 = all)
+    image_col: str = "image"  # manifest columns
+    caption_col: str = "caption"
 
 
 @dataclass
@@ -130,7 +147,9 @@ class EvalConfig:
     zeroshot: list[ZeroShotTask] = field(default_factory=list)
     retrieval: bool = True  # image-text recall@k on data.val_shards when set
     retrieval_limit: int = 0  # first N held-out pairs (0 = all)
+    retrieval_tasks: list[RetrievalTask] = field(default_factory=list)  # further retrieval sets
     batch_size: int = 128
+    plots: bool = True  # a PNG per task: confusion matrix / recall@k curves
 
 
 @dataclass

@@ -44,3 +44,25 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def shard_indices(total: int) -> range:
+    """This rank's share of `total` items for evaluation: items rank, rank + W, rank + 2W, ..."""
+    return range(rank(), total, world_size())
+
+
+def gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble `total` rows computed by shard_indices on every rank into their original order.
+
+    Ranks hold ceil or floor of total / W rows; all_gather needs equal shapes, so each pads to the
+    ceiling first. Row i of the result was computed by rank i % W as its (i // W)-th row.
+    """
+    world = world_size()
+    if world == 1:
+        return local
+    per_rank = -(-total // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = all_gather_no_grad(padded).view(world, per_rank, *local.shape[1:])
+    # [rank, position] -> item position * W + rank
+    return gathered.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:total]

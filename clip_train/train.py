@@ -187,22 +187,20 @@ def main(cfg: RunConfig) -> dict:
         unwrapped.save_pretrained(folder, tokenizer)
 
     def evaluate(step: int) -> dict:
-        # Evaluation runs on the main process for now; the others wait at the barrier.
-        metrics = {}
-        if accelerator.is_main_process:
-            metrics = run_evaluation(
-                unwrapped,
-                tokenizer,
-                eval_transform,
-                cfg.eval,
-                cfg.data.val_shards,
-                accelerator.device,
-                cfg.train.precision,
-                out_dir=run_dir / "eval" / f"step-{step:09d}",
-                model_name=run_dir.name,
-            )
-            logger.log("eval", step, metrics)
-        accelerator.wait_for_everyone()
+        # Every rank encodes its share of the evaluation data and gets the same metrics; the main
+        # process writes the files and the log.
+        metrics = run_evaluation(
+            unwrapped,
+            tokenizer,
+            eval_transform,
+            cfg.eval,
+            cfg.data.val_shards,
+            accelerator.device,
+            cfg.train.precision,
+            out_dir=run_dir / "eval" / f"step-{step:09d}",
+            model_name=run_dir.name,
+        )
+        logger.log("eval", step, metrics)
         return metrics
 
     # ---------------------------------------------------------------- data
@@ -341,7 +339,6 @@ def main(cfg: RunConfig) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- finish
-    # (decided by the step, which every rank agrees on: only the main process holds the metrics)
     if last_eval_step != state.step and (cfg.eval.zeroshot or cfg.data.val_shards):
         # resumed from the final checkpoint of a run killed before its final evaluation
         eval_metrics = evaluate(state.step)

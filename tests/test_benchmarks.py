@@ -49,3 +49,26 @@ def test_loss_benchmark_rejects_an_unknown_implementation(tmp_path):
     )
     assert done.returncode == 2 and "unknown --impls ['flash']" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_benchmark_quick_mode_times_both_sides_at_equal_accuracy(tmp_path):
+    out = tmp_path / "eval.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/eval.py", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    sides = result["sides"]
+    assert set(sides) == {"clip_train_cold", "clip_train_warm", "open_clip"}
+    assert all(s["images_per_s"] > 0 for s in sides.values())
+    # the same model, images and prompts under the same protocol: the same predictions
+    top1 = {name: s["acc1"] for name, s in sides.items()}
+    assert max(top1.values()) - min(top1.values()) == pytest.approx(0, abs=1e-6), top1
+    assert result["meta"]["num_images"] == 40 and result["meta"]["num_templates"] == 80
+    # the warm run took its class embeddings from the cache: (almost) no time in text encoding
+    assert sides["clip_train_warm"]["median_run"]["text_s"] < sides["clip_train_cold"]["median_run"]["text_s"]
+    assert "vs OpenCLIP" in done.stdout

@@ -18,7 +18,7 @@ def test_yaml_files_merge_in_order_then_overrides(tmp_path):
     assert isinstance(cfg, RunConfig)
     assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0
     assert cfg.data.batch_size == 32 and cfg.data.num_workers == 2  # untouched default
-    assert cfg.eval.zeroshot[0].limit == 5 and cfg.eval.zeroshot[0].templates == ["a photo of a {c}."]
+    assert cfg.eval.zeroshot[0].limit == 5 and cfg.eval.zeroshot[0].templates == []  # = the dataset's set
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clip_train"
 LAYERS = [
     {"config"},
     {"distributed"},
-    {"models", "loss", "data", "optim", "checkpoint", "tracking"},
+    {"models", "loss", "accumulation", "data", "optim", "checkpoint", "tracking"},
     {"evaluate"},
     {"train"},
     {"cli"},

@@ -40,6 +40,37 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
+def retrieval_ranks(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each query's first correct answer lands, without the full similarity matrix.
+
+    text_to_image[j] is the image that caption j describes (several captions per image allowed).
+    image_ranks[i]: how many texts score strictly higher than image i's best-scoring caption;
+    text_ranks[j]: how many images score strictly higher than caption j's image. Rank 0 is a hit
+    at R@1; recall@k is the fraction of ranks below k. Only [chunk, N] similarities exist at once.
+    """
+    device = image_emb.device
+    text_to_image = text_to_image.to(device)
+    image_ranks = []
+    for start in range(0, image_emb.shape[0], chunk):
+        sims = image_emb[start : start + chunk] @ text_emb.T
+        owners = torch.arange(start, start + sims.shape[0], device=device)[:, None]
+        best_positive = sims.masked_fill(text_to_image[None, :] != owners, float("-inf")).amax(dim=1)
+        image_ranks.append((sims > best_positive[:, None]).sum(dim=1))
+    text_ranks = []
+    for start in range(0, text_emb.shape[0], chunk):
+        sims = text_emb[start : start + chunk] @ image_emb.T
+        positive = sims.gather(1, text_to_image[start : start + sims.shape[0], None])
+        text_ranks.append((sims > positive).sum(dim=1))
+    return torch.cat(image_ranks).cpu(), torch.cat(text_ranks).cpu()
+
+
+def recall_at(ranks: torch.Tensor, k: int) -> float:
+    return (ranks < k).float().mean().item()
+
+
+@torch.no_grad()
 def retrieval_recall(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -47,30 +78,12 @@ def retrieval_recall(
     ks=(1, 5, 10),
     chunk: int = 4096,
 ) -> dict[str, float]:
-    """Recall@k both ways without holding the full [images x texts] similarity matrix.
-
-    text_to_image[j] is the index of the image that caption j describes (several captions per image
-    are allowed). image_to_text R@k: some caption of the image is among its k most similar texts;
-    text_to_image R@k: the caption's image is among its k most similar images.
-    """
-    num_images, num_texts = image_emb.shape[0], text_emb.shape[0]
-    text_to_image = text_to_image.to(image_emb.device)
-    k_max_i2t, k_max_t2i = min(max(ks), num_texts), min(max(ks), num_images)
-    i2t_rank_hit = []  # per image: [k_max] bool, does the text at rank r belong to this image
-    for start in range(0, num_images, chunk):
-        sims = image_emb[start : start + chunk] @ text_emb.T
-        top = sims.topk(k_max_i2t, dim=1).indices
-        owners = torch.arange(start, start + sims.shape[0], device=sims.device)[:, None]
-        i2t_rank_hit.append(text_to_image[top] == owners)
-    t2i_rank_hit = []
-    for start in range(0, num_texts, chunk):
-        sims = text_emb[start : start + chunk] @ image_emb.T
-        top = sims.topk(k_max_t2i, dim=1).indices
-        t2i_rank_hit.append(top == text_to_image[start : start + sims.shape[0], None])
-    i2t, t2i = torch.cat(i2t_rank_hit), torch.cat(t2i_rank_hit)
+    """Recall@k both ways. image -> text: some caption of the image is among its k most similar
+    texts; text -> image: the caption's image is among its k most similar images."""
+    image_ranks, text_ranks = retrieval_ranks(image_emb, text_emb, text_to_image, chunk)
     metrics = {}
     for k in ks:
         # CLIP_benchmark's names: "image retrieval" = text -> image, "text retrieval" = image -> text
-        metrics[f"text_retrieval_recall@{k}"] = i2t[:, :k].any(dim=1).float().mean().item()
-        metrics[f"image_retrieval_recall@{k}"] = t2i[:, :k].any(dim=1).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = recall_at(image_ranks, k)
+        metrics[f"image_retrieval_recall@{k}"] = recall_at(text_ranks, k)
     return metrics

@@ -1,90 +1,92 @@
-"""Run the configured evaluations on a model: zero-shot classification and held-out retrieval.
+"""Run the configured evaluations on a model: zero-shot classification and image-text retrieval.
 
-Used by the trainer (every eval_every steps and at the end) and by clip-eval on a saved model.
-Each task's result is also written as JSON in CLIP_benchmark's output layout
-({"dataset", "model", "task", "metrics"}) when an output folder is given.
+Used by the trainer (every eval_every steps and at the end, on every rank) and by clip-eval on a
+saved model. With several processes every rank encodes its share of the images and prompts
+(encode.py) and gets the same metrics; only the main process writes files. Per task, in
+out_dir: `<dataset>_<task>.json` in CLIP_benchmark's layout ({"dataset", "model", "task",
+"metrics"} plus details) and, with plots on, `<dataset>_<task>.png`.
+
+Protocol (OpenCLIP's zero-shot classifier, CLIP_benchmark's metrics): L2-normalised embeddings;
+class embedding = renormalised mean of the normalised embeddings of its prompts; logits = 100 x
+cosine; top-1, top-5 (more than 5 classes), mean per-class recall; retrieval recall@k both ways,
+an image counting as retrieved when any of its captions is in the top k.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from clip_train.config import EvalConfig, ZeroShotTask
-from clip_train.data.pipeline import build_eval_loader
-from clip_train.evaluate.datasets import load_dataset
-from clip_train.evaluate.metrics import (
-    classification_metrics,
-    classifier_weights,
-    confusion_matrix,
-    retrieval_recall,
-)
+from clip_train import distributed
+from clip_train.config import ConfigError, EvalConfig, RetrievalTask, ZeroShotTask
+from clip_train.evaluate import datasets
+from clip_train.evaluate.datasets import LabelledImages, load_dataset, load_retrieval
+from clip_train.evaluate.encode import CLASSIFIER_CACHE, EvalContext, encode_images, encode_texts
+from clip_train.evaluate.metrics import classification_metrics, confusion_matrix, retrieval_ranks
+from clip_train.evaluate.probe import linear_probe
+from clip_train.evaluate.prompts import load_templates
 
 ZERO_SHOT_LOGIT_SCALE = 100.0  # fixed, as in CLIP / OpenCLIP / CLIP_benchmark zero-shot evaluation
+RECALL_KS = (1, 5, 10)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], device, precision: str, batch_size: int) -> torch.Tensor:
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start : start + batch_size]).to(device)
-        with autocast(device, precision):
-            out.append(model.encode_text(tokens).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def zeroshot_classification(model, tokenizer, transform, task: ZeroShotTask, device, precision, batch_size):
-    data = load_dataset(task.dataset, task.limit)
-    prompts = [template.format(c=name) for name in data.classnames for template in task.templates]
-    prompt_emb = encode_texts(model, tokenizer, prompts, device, precision, batch_size)
-    weights = classifier_weights(prompt_emb.view(len(data.classnames), len(task.templates), -1))
-    logits = []
-    for start in range(0, len(data), batch_size):
-        batch = torch.stack(
-            [transform(data.image(i)) for i in range(start, min(start + batch_size, len(data)))]
-        )
-        with autocast(device, precision):
-            image_emb = model.encode_image(batch.to(device)).float()
-        logits.append(ZERO_SHOT_LOGIT_SCALE * image_emb @ weights.T)
-    logits = torch.cat(logits).cpu()
+def zeroshot_classification(model, tokenizer, transform, task: ZeroShotTask, ctx: EvalContext):
+    data = load_dataset(task.dataset, task.limit, classnames=task.classnames, class_key=task.class_key)
+    try:
+        templates = load_templates(task.templates or task.template_set, data.name)
+    except ValueError as e:  # a template file the user wrote: a config error, reported in one line
+        raise ConfigError(str(e)) from None
+    weights = CLASSIFIER_CACHE.get(model, tokenizer, data.classnames, templates, ctx)
+    image_emb = encode_images(model, data.image, len(data), transform, ctx)
+    logits = ZERO_SHOT_LOGIT_SCALE * image_emb @ weights.T
     labels = torch.tensor(data.labels)
     metrics = classification_metrics(logits, labels)
-    extra = {"classnames": data.classnames, "confusion_matrix": confusion_matrix(logits, labels).tolist()}
+    if task.linear_probe_train:
+        metrics.update(_linear_probe(model, transform, task, data, ctx))
+    extra = {
+        "classnames": data.classnames,
+        "templates": templates,
+        "num_images": len(data),
+        "confusion_matrix": confusion_matrix(logits, labels).tolist(),
+    }
     return data.name, metrics, extra
 
 
-@torch.no_grad()
-def heldout_retrieval(
-    model, tokenizer, transform, shards: str, device, precision, batch_size, limit: int = 0
-):
-    image_emb, text_emb, seen = [], [], 0
-    for images, tokens, _captions, _keys in build_eval_loader(
-        shards, batch_size=batch_size, transform=transform, tokenize=tokenizer
-    ):
-        with autocast(device, precision):
-            image_emb.append(model.encode_image(images.to(device)).float())
-            text_emb.append(model.encode_text(tokens.to(device)).float())
-        seen += len(images)
-        if limit and seen >= limit:
-            break
-    image_emb, text_emb = torch.cat(image_emb), torch.cat(text_emb)
-    if limit:
-        image_emb, text_emb = image_emb[:limit], text_emb[:limit]
-    # One caption per held-out image: caption j belongs to image j.
-    metrics = retrieval_recall(image_emb, text_emb, torch.arange(len(text_emb)))
-    return metrics, {"num_pairs": len(text_emb)}
+def _linear_probe(model, transform, task: ZeroShotTask, test: LabelledImages, ctx: EvalContext) -> dict:
+    if task.dataset != "fashion-mnist":
+        raise ConfigError(
+            f"linear_probe_train needs a training split; {task.dataset!r} has none here: "
+            "use it with fashion-mnist or set linear_probe_train=0"
+        )
+    train = datasets.fashion_mnist(datasets.FASHION_MNIST_DIR, "train")
+    keep = np.linspace(0, len(train) - 1, min(task.linear_probe_train, len(train))).round().astype(int)
+    train_features = encode_images(
+        model, lambda i: train.image(int(keep[i])), len(keep), transform, ctx, features=True
+    )
+    test_features = encode_images(model, test.image, len(test), transform, ctx, features=True)
+    train_labels = torch.tensor([train.labels[i] for i in keep])
+    result = linear_probe(
+        train_features, train_labels, test_features, torch.tensor(test.labels), len(test.classnames)
+    )
+    return {**result, "linear_probe_train_images": float(len(keep))}
+
+
+def image_text_retrieval(model, tokenizer, transform, task: RetrievalTask, ctx: EvalContext):
+    data = load_retrieval(task.dataset, task.limit, image_col=task.image_col, caption_col=task.caption_col)
+    image_emb = encode_images(model, data.image, data.num_images, transform, ctx)
+    text_emb = encode_texts(model, tokenizer, data.captions, ctx)
+    image_ranks, text_ranks = retrieval_ranks(image_emb, text_emb, torch.tensor(data.caption_image))
+    metrics = {}
+    for k in RECALL_KS:
+        # CLIP_benchmark's names: "image retrieval" = text -> image, "text retrieval" = image -> text
+        metrics[f"text_retrieval_recall@{k}"] = (image_ranks < k).float().mean().item()
+        metrics[f"image_retrieval_recall@{k}"] = (text_ranks < k).float().mean().item()
+    extra = {"num_images": data.num_images, "num_captions": len(data.captions)}
+    return data.name, metrics, extra, (image_ranks, text_ranks)
 
 
 def run_evaluation(
@@ -98,41 +100,58 @@ def run_evaluation(
     out_dir: str | Path | None = None,
     model_name: str = "clip_train",
 ) -> dict[str, float]:
-    """Every configured task; returns flat metrics such as 'fashion-mnist/acc1', 'retrieval/...'."""
+    """Every configured task; returns flat metrics such as 'fashion-mnist/acc1', 'retrieval/...'.
+
+    Call it on every rank of a process group (all or none): each encodes its share.
+    """
     was_training = model.training
     model.eval()
+    ctx = EvalContext(device=device, precision=precision, batch_size=cfg.batch_size)
+    write = out_dir is not None and distributed.is_main()
     flat: dict[str, float] = {}
     started = time.perf_counter()
     try:
         for task in cfg.zeroshot:
-            name, metrics, extra = zeroshot_classification(
-                model, tokenizer, transform, task, device, precision, cfg.batch_size
-            )
+            name, metrics, extra = zeroshot_classification(model, tokenizer, transform, task, ctx)
             flat.update({f"{name}/{k}": v for k, v in metrics.items()})
-            _write_result(out_dir, name, "zeroshot_classification", model_name, metrics, extra)
+            if write:
+                path = _write_result(out_dir, name, "zeroshot_classification", model_name, metrics, extra)
+                if cfg.plots:
+                    from clip_train.evaluate.plots import plot_confusion
+
+                    title = f"{name}: top-1 {metrics['acc1']:.3f}"
+                    plot_confusion(
+                        extra["confusion_matrix"], extra["classnames"], title, path.with_suffix(".png")
+                    )
+        retrieval_tasks = list(cfg.retrieval_tasks)
         if cfg.retrieval and val_shards:
-            metrics, extra = heldout_retrieval(
-                model,
-                tokenizer,
-                transform,
-                val_shards,
-                device,
-                precision,
-                cfg.batch_size,
-                cfg.retrieval_limit,
-            )
-            flat.update({f"retrieval/{k}": v for k, v in metrics.items()})
-            _write_result(out_dir, "heldout", "zeroshot_retrieval", model_name, metrics, extra)
+            retrieval_tasks.insert(0, RetrievalTask(dataset=val_shards, limit=cfg.retrieval_limit))
+        for index, task in enumerate(retrieval_tasks):
+            name, metrics, extra, ranks = image_text_retrieval(model, tokenizer, transform, task, ctx)
+            # the held-out pairs keep their historical prefix "retrieval/"
+            prefix = "retrieval" if index == 0 and cfg.retrieval and val_shards else f"retrieval-{name}"
+            flat.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+            if write:
+                dataset = "heldout" if prefix == "retrieval" else name
+                path = _write_result(out_dir, dataset, "zeroshot_retrieval", model_name, metrics, extra)
+                if cfg.plots:
+                    from clip_train.evaluate.plots import plot_recall_curves
+
+                    plot_recall_curves(*ranks, f"{dataset}: recall@k", path.with_suffix(".png"))
     finally:
         model.train(was_training)
     flat["eval_seconds"] = time.perf_counter() - started
     return flat
 
 
-def _write_result(out_dir, dataset: str, task: str, model_name: str, metrics: dict, extra: dict) -> None:
-    if out_dir is None:
-        return
+def _write_result(out_dir, dataset: str, task: str, model_name: str, metrics: dict, extra: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"dataset": dataset, "model": model_name, "task": task, "metrics": metrics, **extra}
-    (out_dir / f"{dataset}_{task}.json").write_text(json.dumps(record, indent=1))
+    path = out_dir / f"{_file_safe(dataset)}_{task}.json"
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

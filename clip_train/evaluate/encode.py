@@ -1,0 +1,101 @@
+"""Embeddings for evaluation, split across processes and cached where the model has not changed.
+
+Each rank encodes items rank, rank + W, ... (distributed.shard_indices) and the rows are gathered
+back into the dataset's order, so every rank ends up with the same full embedding matrix and the
+metrics are those of one process. Encoding runs under torch.inference_mode with the training
+precision (autocast) and returns fp32, L2-normalised rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from clip_train import distributed
+from clip_train.evaluate.metrics import classifier_weights
+
+
+@dataclass
+class EvalContext:
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32
+    batch_size: int
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def encode_images(
+    model, load_image: Callable[[int], Image.Image], count: int, transform, ctx: EvalContext, features=False
+) -> torch.Tensor:
+    """[count, d] embeddings of images 0..count-1 (load_image(i) -> PIL), all ranks contributing.
+    features=True: the image tower's outputs instead (before projection; for linear probes)."""
+    mine = list(distributed.shard_indices(count))
+    encode = model.image_tower_features if features else model.encode_image
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(mine), ctx.batch_size):
+            batch = torch.stack([transform(load_image(i)) for i in mine[start : start + ctx.batch_size]])
+            with ctx.autocast():
+                parts.append(encode(batch.to(ctx.device)).float().cpu())
+    if not parts:  # more ranks than images: this rank still takes part in the gather
+        parts = [torch.empty(0, model.visual.num_features if features else model.cfg.embed_dim)]
+    return distributed.gather_in_order(torch.cat(parts).to(ctx.device), count).cpu()
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], ctx: EvalContext) -> torch.Tensor:
+    """[len(texts), d] embeddings, all ranks contributing."""
+    mine = [texts[i] for i in distributed.shard_indices(len(texts))]
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(mine), ctx.batch_size):
+            tokens = tokenizer(mine[start : start + ctx.batch_size]).to(ctx.device)
+            with ctx.autocast():
+                parts.append(model.encode_text(tokens).float().cpu())
+    if not parts:
+        parts = [torch.empty(0, model.cfg.embed_dim)]
+    return distributed.gather_in_order(torch.cat(parts).to(ctx.device), len(texts)).cpu()
+
+
+def _parameters_version(model) -> int:
+    # Every in-place update of a parameter (optimizer step, load_state_dict, clamp) bumps its
+    # version counter, so an unchanged sum means unchanged weights.
+    return sum(p._version for p in model.parameters())
+
+
+class ClassifierCache:
+    """Zero-shot class embeddings per (model, weights version, class names, templates).
+
+    Held weakly by model, so a cache never keeps a model alive. During training the weights change
+    between evaluations and the classifier is rebuilt; clip-eval tasks sharing a dataset's classes
+    and templates, and repeated evaluations of one model, reuse it.
+    """
+
+    def __init__(self):
+        self._store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.hits = 0
+
+    def get(self, model, tokenizer, classnames: Sequence[str], templates: Sequence[str], ctx: EvalContext):
+        """[C, d] class embeddings: renormalised mean over templates of normalised prompt embeddings."""
+        key = (_parameters_version(model), tuple(classnames), tuple(templates), ctx.precision)
+        per_model = self._store.setdefault(model, {})
+        if key in per_model:
+            self.hits += 1
+            return per_model[key]
+        prompts = [template.format(c=name) for name in classnames for template in templates]
+        prompt_emb = encode_texts(model, tokenizer, prompts, ctx)
+        weights = classifier_weights(prompt_emb.view(len(classnames), len(templates), -1))
+        per_model.clear()  # older versions of this model's weights will not come back
+        per_model[key] = weights
+        return weights
+
+
+CLASSIFIER_CACHE = ClassifierCache()
