@@ -150,6 +150,9 @@ class EvalConfig:
     retrieval_tasks: list[RetrievalTask] = field(default_factory=list)  # further retrieval sets
     batch_size: int = 128
     plots: bool = True  # a PNG per task: confusion matrix / recall@k curves
+    # fp32 evaluation through a traced, frozen copy of the image tower (BatchNorm folded, oneDNN
+    # kernels): ~1.5x faster on CPU, equal to rounding; false = the eager tower
+    jit_image_tower: bool = True
 
 
 @dataclass

@@ -52,8 +52,11 @@ class _OracleModel(torch.nn.Module):
 
     words = ["red", "green", "blue"]
 
-    def encode_image(self, images):
-        return torch.nn.functional.one_hot(images.mean(dim=(2, 3)).argmax(dim=1), 3).float()
+    def image_tower_features(self, images):  # the evaluator's split: tower, then projection
+        return images.mean(dim=(2, 3))
+
+    def image_features_to_embedding(self, features):
+        return torch.nn.functional.one_hot(features.argmax(dim=1), 3).float()
 
     def encode_text(self, tokens):
         return torch.nn.functional.one_hot(tokens[:, 0], 3).float()

@@ -265,3 +265,36 @@ def test_two_process_evaluation_equals_one_process(tmp_path, tiny_data):
     assert results[0] == results[1] == single
     assert len(single) == 8  # acc1, mean per-class recall (3 classes: no top-5), 6 recalls
     assert len(list((tmp_path / "out").glob("*.json"))) == 2  # written once, by the main process
+
+
+def _close(got, want) -> bool:
+    # fp32 rounding relative to the output's scale (folding BatchNorm reorders the arithmetic)
+    return (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_traced_image_tower_gives_the_eager_embeddings_and_follows_weight_changes():
+    from clip_train.evaluate.encode import InferenceTowers
+
+    model, _, _ = tiny_model()
+    images = torch.randn(5, 3, 64, 64)
+    towers = InferenceTowers()
+    ctx = EvalContext(torch.device("cpu"), "fp32", batch_size=4)
+    with torch.inference_mode():
+        traced = towers.get(model, images, ctx)
+        assert traced is not model.image_tower_features  # the tiny tower does trace
+        assert _close(traced(images), model.image_tower_features(images))
+        assert towers.get(model, images, ctx) is traced  # unchanged weights: reused
+    with torch.no_grad():
+        for p in model.visual.parameters():
+            p.mul_(1.1)
+    with torch.inference_mode():
+        retraced = towers.get(model, images, ctx)
+        assert retraced is not traced
+        assert _close(retraced(images), model.image_tower_features(images))
+        # bf16/fp16 evaluation, or the switch off: the eager tower itself
+        assert (
+            towers.get(model, images, EvalContext(torch.device("cpu"), "bf16", 4))
+            == model.image_tower_features
+        )
+        off = EvalContext(torch.device("cpu"), "fp32", 4, jit_image_tower=False)
+        assert towers.get(model, images, off) == model.image_tower_features

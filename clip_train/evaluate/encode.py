@@ -9,9 +9,11 @@ precision (autocast) and returns fp32, L2-normalised rows.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from PIL import Image
@@ -25,6 +27,7 @@ class EvalContext:
     device: torch.device
     precision: str  # bf16 | fp16 | fp32
     batch_size: int
+    jit_image_tower: bool = True  # eval.jit_image_tower: see InferenceTowers
 
     def autocast(self):
         if self.precision == "fp32":
@@ -39,13 +42,15 @@ def encode_images(
     """[count, d] embeddings of images 0..count-1 (load_image(i) -> PIL), all ranks contributing.
     features=True: the image tower's outputs instead (before projection; for linear probes)."""
     mine = list(distributed.shard_indices(count))
-    encode = model.image_tower_features if features else model.encode_image
     parts = []
     with torch.inference_mode():
         for start in range(0, len(mine), ctx.batch_size):
             batch = torch.stack([transform(load_image(i)) for i in mine[start : start + ctx.batch_size]])
+            batch = batch.to(ctx.device)
             with ctx.autocast():
-                parts.append(encode(batch.to(ctx.device)).float().cpu())
+                tower_out = INFERENCE_TOWERS.get(model, batch, ctx)(batch)
+                out = tower_out if features else model.image_features_to_embedding(tower_out)
+            parts.append(out.float().cpu())
     if not parts:  # more ranks than images: this rank still takes part in the gather
         parts = [torch.empty(0, model.visual.num_features if features else model.cfg.embed_dim)]
     return distributed.gather_in_order(torch.cat(parts).to(ctx.device), count).cpu()
@@ -63,6 +68,48 @@ def encode_texts(model, tokenizer, texts: Sequence[str], ctx: EvalContext) -> to
     if not parts:
         parts = [torch.empty(0, model.cfg.embed_dim)]
     return distributed.gather_in_order(torch.cat(parts).to(ctx.device), len(texts)).cpu()
+
+
+class InferenceTowers:
+    """Per model version, an inference-only image tower: traced by TorchScript, frozen and
+    optimised for inference, which folds BatchNorm into the convolutions and (on CPU) picks oneDNN
+    kernels. Same weights, same function to fp32 rounding (~1e-6 relative), about 1.5x the images
+    per second of the eager tower for EfficientNet-Lite0 on this CPU (benchmarks/eval.py).
+
+    Used in fp32 only (tracing under autocast would bake one precision's casts in); a tower that
+    cannot be traced (data-dependent control flow) is used as it is. Rebuilt when the weights change
+    (about a second for EfficientNet-Lite0), held weakly by model like the classifier cache.
+    """
+
+    def __init__(self):
+        self._store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, model, example: torch.Tensor, ctx: EvalContext) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not ctx.jit_image_tower or ctx.precision != "fp32":
+            return model.image_tower_features
+        version = _parameters_version(model)
+        cached = self._store.get(model)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        tower = model.image_tower_features
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings about shapes used as constants
+                layout = torch.channels_last if model.cfg.image.channels_last else torch.contiguous_format
+                traced = torch.jit.trace(model.visual.eval(), example[:2].contiguous(memory_format=layout))
+                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            tower = partial(_run_frozen, frozen, layout)
+        except Exception:  # noqa: BLE001 - any tracing failure: the eager tower is always correct
+            pass
+        self._store[model] = (version, tower)
+        return tower
+
+
+def _run_frozen(frozen, layout, images: torch.Tensor) -> torch.Tensor:
+    return frozen(images.contiguous(memory_format=layout))
+
+
+INFERENCE_TOWERS = InferenceTowers()
 
 
 def _parameters_version(model) -> int:

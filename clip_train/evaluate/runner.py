@@ -106,7 +106,7 @@ def run_evaluation(
     """
     was_training = model.training
     model.eval()
-    ctx = EvalContext(device=device, precision=precision, batch_size=cfg.batch_size)
+    ctx = EvalContext(device, precision, cfg.batch_size, jit_image_tower=cfg.jit_image_tower)
     write = out_dir is not None and distributed.is_main()
     flat: dict[str, float] = {}
     started = time.perf_counter()
