@@ -82,6 +82,7 @@ def test_chunked_recall_equals_the_unchunked_definition(chunk):
     image_emb = F.normalize(torch.randn(17, 8, generator=g), dim=-1)
     owners = torch.arange(17).repeat_interleave(2)[:30]  # two captions per image; images 15, 16 have none
     text_emb = F.normalize(image_emb[owners] + 0.8 * torch.randn(30, 8, generator=g), dim=-1)
+    text_emb[[5, 9, 21]] = text_emb[[6, 10, 22]]  # identical captions of different images: ties
     got = retrieval_recall(image_emb, text_emb, owners, ks=(1, 5, 10), chunk=chunk)
     for k in (1, 5, 10):
         t2i, i2t = _clip_benchmark_recall(image_emb, text_emb, owners, k)

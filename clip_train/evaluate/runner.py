@@ -26,7 +26,12 @@ from clip_train.config import ConfigError, EvalConfig, RetrievalTask, ZeroShotTa
 from clip_train.evaluate import datasets
 from clip_train.evaluate.datasets import LabelledImages, load_dataset, load_retrieval
 from clip_train.evaluate.encode import CLASSIFIER_CACHE, EvalContext, encode_images, encode_texts
-from clip_train.evaluate.metrics import classification_metrics, confusion_matrix, retrieval_ranks
+from clip_train.evaluate.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    retrieval_ranks,
+    retrieval_recall,
+)
 from clip_train.evaluate.probe import linear_probe
 from clip_train.evaluate.prompts import load_templates
 
@@ -79,14 +84,11 @@ def image_text_retrieval(model, tokenizer, transform, task: RetrievalTask, ctx: 
     data = load_retrieval(task.dataset, task.limit, image_col=task.image_col, caption_col=task.caption_col)
     image_emb = encode_images(model, data.image, data.num_images, transform, ctx)
     text_emb = encode_texts(model, tokenizer, data.captions, ctx)
-    image_ranks, text_ranks = retrieval_ranks(image_emb, text_emb, torch.tensor(data.caption_image))
-    metrics = {}
-    for k in RECALL_KS:
-        # CLIP_benchmark's names: "image retrieval" = text -> image, "text retrieval" = image -> text
-        metrics[f"text_retrieval_recall@{k}"] = (image_ranks < k).float().mean().item()
-        metrics[f"image_retrieval_recall@{k}"] = (text_ranks < k).float().mean().item()
+    owners = torch.tensor(data.caption_image)
+    metrics = retrieval_recall(image_emb, text_emb, owners, ks=RECALL_KS)
+    ranks = retrieval_ranks(image_emb, text_emb, owners) if distributed.is_main() else None  # for the plot
     extra = {"num_images": data.num_images, "num_captions": len(data.captions)}
-    return data.name, metrics, extra, (image_ranks, text_ranks)
+    return data.name, metrics, extra, ranks
 
 
 def run_evaluation(
