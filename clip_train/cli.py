@@ -56,6 +56,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         metrics = train.main(cfg)
+    except train.Preempted as e:
+        print(f"clip-train: {e}", file=sys.stderr)
+        return train.PREEMPTED_EXIT_CODE
     except _user_errors() as e:
         return _fail("clip-train", e)
     if metrics:

@@ -171,6 +171,9 @@ class TrainConfig:
     # Contrastive gradient accumulation (GradCache): k micro-batches of data.batch_size per process
     # form one contrastive batch of k * batch_size per process; activation memory of one micro-batch.
     accum_steps: int = 1
+    # A step whose loss or gradient norm is NaN/Inf on any process is skipped on all of them (no
+    # optimizer or scheduler step) and logged; this many in a row stop the run (exit code 2).
+    max_consecutive_skips: int = 5
     # Locked-image tuning (LiT) speed-up: with a fully locked image tower (model.image.lock and
     # unlocked_groups 0) its output per sample never changes, so compute it once per sample and
     # reuse it. Training images then get the eval transform (no random crop), since a cached

@@ -17,17 +17,19 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from clip_train import checkpoint
-from clip_train.accumulation import accumulated_backward
+from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
 from clip_train.config import ConfigError, RunConfig, save_config, to_dict
 from clip_train.data import DataError
 from clip_train.data.pipeline import build_train_loader, expand_urls
@@ -42,6 +44,16 @@ ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 # Test hook: SIGKILL this process right after finishing the given step, to test resume after a
 # real, unannounced death (no handler, no flush beyond what was already written).
 KILL_AT_STEP_ENV = "CLIP_TRAIN_TEST_KILL_AT_STEP"
+# Test hook: make the loss NaN at these steps (comma-separated), to test the non-finite step skip.
+NAN_AT_STEPS_ENV = "CLIP_TRAIN_TEST_NAN_AT_STEPS"
+# SIGTERM / SIGUSR1 (a scheduler's preemption warning): checkpoint at the next step boundary, then
+# exit with this code, which launch scripts turn into a requeue (EX_TEMPFAIL).
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint after a preemption signal and stopped; resume: auto continues it."""
 
 
 @dataclass
@@ -93,11 +105,13 @@ def check_run_config(cfg: RunConfig) -> None:
         )
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss {loss.item()} at step {step}: lower optim.lr or use train.precision=fp32"
-        )
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on at least one (one collective, all must call)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -225,7 +239,7 @@ def main(cfg: RunConfig) -> dict:
             text_key=cfg.data.text_key,
             max_pixels=cfg.data.max_pixels,
             max_skip_frac=cfg.data.max_skip_frac,
-            with_keys=feature_cache is not None,
+            with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
         )
 
     # ---------------------------------------------------------------- loop
@@ -244,11 +258,13 @@ def main(cfg: RunConfig) -> dict:
             "contrastive_batch": global_batch,
         },
     )
+    # Creating a loader iterator draws from torch's RNG (DataLoader's base seed): see the skip below.
+    rng_before_loader = (capture_rng(), random.getstate(), np.random.get_state())
     loader = make_loader(state.step)
     batches = iter(loader)
 
-    def next_micro_batch() -> tuple:
-        """(images or None, tokens, cached image features or None) on the device."""
+    def next_micro_batch(encode: bool = True) -> tuple:
+        """(images or None, tokens, cached image features or None) on the device, and the keys."""
         nonlocal loader, batches, data_pass
         fetch_start = time.perf_counter()
         try:
@@ -264,21 +280,45 @@ def main(cfg: RunConfig) -> dict:
                     "lower data.batch_size or set data.resampled=true"
                 ) from None
         window["data_wait"] += time.perf_counter() - fetch_start
-        images, tokens = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
-        if feature_cache is None:
-            return images, tokens, None
-        return None, tokens, feature_cache.lookup(unwrapped, images, batch[3], accelerator.autocast)
+        images, tokens, keys = batch[0].to(accelerator.device), batch[1].to(accelerator.device), batch[3]
+        if feature_cache is None or not encode:
+            return (images, tokens, None), keys
+        return (None, tokens, feature_cache.lookup(unwrapped, images, keys, accelerator.autocast)), keys
 
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
     eval_metrics: dict = {}
+    if state.step % segment_len:
+        # Resumed from a checkpoint taken inside a segment (after a preemption): read past the
+        # batches the interrupted run had used, so the data continues where it stopped. Building
+        # the loader and augmenting in the main process (num_workers 0) draw from the global RNGs,
+        # which the checkpoint had already set to their state after those batches: put them back.
+        for _ in range(state.step % segment_len * accum):
+            next_micro_batch(encode=False)
+        restore_rng(rng_before_loader[0])
+        random.setstate(rng_before_loader[1])
+        np.random.set_state(rng_before_loader[2])
+
+    preempt_requested = False
+
+    def request_preemption(signum, frame):
+        nonlocal preempt_requested
+        preempt_requested = True
+        print(f"rank {rank}: got {signal.Signals(signum).name}: checkpointing at the next step", flush=True)
+
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, request_preemption)
+    nan_at = {int(s) for s in os.environ.get(NAN_AT_STEPS_ENV, "").split(",") if s.strip()}
+    consecutive_skips = 0
     last_eval_step = -1
     model.train()
     while state.step < total:
-        micro_batches = [next_micro_batch() for _ in range(accum)]
+        fetched = [next_micro_batch() for _ in range(accum)]
+        micro_batches = [inputs for inputs, _ in fetched]
         if accum == 1:
             with accelerator.autocast():
                 loss = loss_fn(*model(*micro_batches[0]))
-            check_finite(loss, state.step + 1)
+            if state.step + 1 in nan_at:
+                loss = loss * float("nan")
             accelerator.backward(loss)
         else:
             loss = accumulated_backward(
@@ -289,20 +329,41 @@ def main(cfg: RunConfig) -> dict:
                 backward=accelerator.backward,
                 no_sync=lambda: accelerator.no_sync(model),
             )
-            check_finite(loss, state.step + 1)
-        grad_norm = None
-        if cfg.optim.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        unwrapped.clamp_logit_scale()
+        # The norm is needed to see a non-finite gradient even without clipping (max_norm inf).
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        # Under fp16 the GradScaler itself skips steps with non-finite gradients and lowers its
+        # scale (optimizer.step must still run for that); only a non-finite loss is ours to skip.
+        bad_grad = cfg.train.precision != "fp16" and not torch.isfinite(grad_norm).item()
+        if any_rank(not torch.isfinite(loss).item() or bad_grad, accelerator.device):
+            consecutive_skips += 1
+            logger.log(
+                "skip",
+                state.step + 1,
+                {
+                    "loss": loss.item(),
+                    "grad_norm": float(grad_norm),
+                    "consecutive": consecutive_skips,
+                    "keys": [key for _, keys in fetched for key in keys][:64],
+                },
+            )
+            optimizer.zero_grad(set_to_none=True)
+            if consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{consecutive_skips} consecutive non-finite steps up to step {state.step + 1}: lower "
+                    "optim.lr or use train.precision=fp32 (resume: auto restarts from the last checkpoint)"
+                )
+        else:
+            consecutive_skips = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            unwrapped.clamp_logit_scale()
+            window["loss"] += loss.detach().float()
+            window["steps"] += 1
         state.step += 1
         state.samples_seen += global_batch
-        window["loss"] += loss.detach().float()
-        window["steps"] += 1
 
-        if due(state.step, cfg.train.log_every, total):
+        if due(state.step, cfg.train.log_every, total) and window["steps"]:
             elapsed = time.perf_counter() - window["start"]
             mean_loss = accelerator.reduce(window["loss"] / window["steps"], reduction="mean").item()
             logger.log(
@@ -317,7 +378,7 @@ def main(cfg: RunConfig) -> dict:
                         if unwrapped.logit_bias is not None
                         else {}
                     ),
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "grad_norm": float(grad_norm),
                     "samples_per_s": window["steps"] * global_batch / elapsed,
                     "data_wait_frac": window["data_wait"] / elapsed,
                     "samples_seen": state.samples_seen,
@@ -337,6 +398,16 @@ def main(cfg: RunConfig) -> dict:
                 batches = iter(loader)
         if kill_at and state.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if state.step < total and any_rank(preempt_requested, accelerator.device):
+            if not due(state.step, cfg.train.ckpt_every, total):  # else just saved
+                meta = {**expected_meta, "samples_seen": state.samples_seen}
+                checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
+            logger.log("preempted", state.step, {"samples_seen": state.samples_seen})
+            logger.close()
+            accelerator.end_training()
+            raise Preempted(
+                f"checkpointed at step {state.step} after a preemption signal: run again to resume"
+            )
 
     # ---------------------------------------------------------------- finish
     if last_eval_step != state.step and (cfg.eval.zeroshot or cfg.data.val_shards):

@@ -1,6 +1,7 @@
 """A tiny real run through the command line: train, get killed, resume, evaluate."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -127,3 +128,69 @@ def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_pa
     more = _train(run_dir, tiny_data, *loss_settings[:3], "train.accum_steps=1", "train.steps=6")
     assert more.returncode == 2
     assert "accum_steps was 2 there and is 1 now" in more.stderr
+
+
+def test_nan_steps_are_skipped_logged_and_too_many_stop_the_run(tmp_path, tiny_data):
+    run_dir = tmp_path / "nan"
+    done = _train(run_dir, tiny_data, "train.steps=6", env={"CLIP_TRAIN_TEST_NAN_AT_STEPS": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    skips = read_metrics(run_dir, "skip")
+    assert [s["step"] for s in skips] == [3] and math.isnan(float(skips[0]["loss"]))
+    assert len(skips[0]["keys"]) == 8 and all("/" in key for key in skips[0]["keys"])  # shard URL / key
+    train = {r["step"]: r for r in read_metrics(run_dir, "train")}
+    assert 3 not in train and sorted(train) == [1, 2, 4, 5, 6]  # no optimizer step, nothing averaged
+    assert not any(math.isnan(r["loss"]) for r in train.values())
+    # the schedule did not advance on the skipped step: step 4 has the lr step 3 would have had
+    assert train[4]["lr"] == pytest.approx(_train_lr(3, 6))
+
+    stopped = _train(
+        tmp_path / "nan2",
+        tiny_data,
+        "train.max_consecutive_skips=2",
+        env={"CLIP_TRAIN_TEST_NAN_AT_STEPS": "2,3"},
+    )
+    assert stopped.returncode == 2
+    assert "2 consecutive non-finite steps up to step 3" in stopped.stderr and stopped.stderr.count("\n") == 1
+
+
+def _train_lr(step: int, total: int) -> float:
+    from clip_train.config import OptimConfig
+    from clip_train.optim import lr_factor
+
+    return 1e-3 * lr_factor(step, total, OptimConfig(lr=1e-3, warmup_steps=2))
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_continues_the_same_losses(
+    tmp_path, tiny_data
+):
+    import signal
+    import time
+
+    settings = ["train.steps=30", "train.ckpt_every=20", "eval.zeroshot=[]", "data.val_shards="]
+    straight = _train(tmp_path / "straight", tiny_data, *settings)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    shards = tiny_data["shards"]
+    cmd = [
+        sys.executable, "-m", "clip_train", "train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
+        f"data.train_shards={shards}/train-*.tar", *settings,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_repo())
+    for line in proc.stdout:  # wait until training runs, then preempt
+        if line.startswith("[train 3]"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    start = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]  # the requeue code
+    assert time.time() - start < 60
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    stopped_at = int(latest.removeprefix("step-"))
+    assert 3 <= stopped_at < 20  # inside the first checkpoint segment, at a step boundary
+    assert read_metrics(tmp_path / "run", "preempted")[0]["step"] == stopped_at
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=_repo())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
+    after = range(stopped_at + 1, 31)
+    assert [got[s] for s in after] == pytest.approx([want[s] for s in after], abs=1e-6)

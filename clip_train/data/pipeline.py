@@ -21,12 +21,14 @@ This module never imports the models: the image transform and the tokenizer arri
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
+import random
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand  # webdataset's own dependency for {000..009} patterns
@@ -213,12 +216,16 @@ class _Prepare:
         max_pixels: int,
         errors: DataErrors,
         with_meta: bool | str,
+        augment_seed: tuple | None = None,
     ):
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
         self.max_pixels, self.errors, self.with_meta = max_pixels, errors, with_meta
+        self.augment_seed = augment_seed
+        self.position = 0  # samples this copy (one per loader worker) has prepared
 
     def __call__(self, sample: dict[str, Any]) -> tuple:
+        self.position += 1
         key = sample.get("__key__")
         where = f"{sample.get('__url__')} {key}"
         data = next((sample[k] for k in self.image_keys if k in sample), None)
@@ -239,7 +246,11 @@ class _Prepare:
             image = to_rgb(image)
         except Exception as e:  # noqa: BLE001 - whatever PIL raises, this image is unusable
             raise SampleError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
-        pixels = self.transform(image)
+        if self.augment_seed is None:
+            pixels = self.transform(image)
+        else:
+            with _seeded_random(_seed("augment", *self.augment_seed, _worker_id(), self.position)):
+                pixels = self.transform(image)
         tokens = torch.as_tensor(self.tokenize(caption), dtype=torch.long)
         if tokens.dim() == 2 and tokens.shape[0] == 1:  # tokenizers that return [1, L] for one text
             tokens = tokens[0]
@@ -247,6 +258,28 @@ class _Prepare:
         if self.with_meta == "url_key":  # unique across shard sets (keys are unique per writer only)
             key = f"{sample.get('__url__')}/{key}"
         return (pixels, tokens, caption, key) if self.with_meta else (pixels, tokens)
+
+
+@contextlib.contextmanager
+def _seeded_random(seed: int):
+    """Run a random augmentation from its own seed, leaving the global RNGs as they were.
+
+    The crop and flip of a training sample are then a function of (run seed, segment, rank,
+    worker, position in the stream), not of whatever else drew from the global RNGs before (dropout,
+    a DataLoader's base seed, another sample prepared ahead): a resumed run augments exactly as the
+    interrupted one did. timm's transforms draw from Python's random, torchvision's from torch's.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    torch_state = torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's is untouched
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.random.default_generator.set_state(torch_state)
 
 
 def _collate(samples: list[tuple]) -> tuple:
@@ -339,6 +372,7 @@ def build_train_loader(
         max_pixels=max_pixels,
         errors=errors,
         with_meta="url_key" if with_keys else False,
+        augment_seed=(seed, rank),
     )
     stages += [
         wds.map(prepare, handler=errors),
