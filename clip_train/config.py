@@ -174,6 +174,9 @@ class TrainConfig:
     # A step whose loss or gradient norm is NaN/Inf on any process is skipped on all of them (no
     # optimizer or scheduler step) and logged; this many in a row stop the run (exit code 2).
     max_consecutive_skips: int = 5
+    # Recompute both towers' activations in the backward (timm / transformers checkpointing): less
+    # activation memory for about a third more compute; exact, dropout included.
+    grad_checkpointing: bool = False
     # Locked-image tuning (LiT) speed-up: with a fully locked image tower (model.image.lock and
     # unlocked_groups 0) its output per sample never changes, so compute it once per sample and
     # reuse it. Training images then get the eval transform (no random crop), since a cached

@@ -40,6 +40,24 @@ class MetricsLogger:
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
         if wandb_wanted(cfg):
             self.wandb_run = _init_wandb(Path(run_dir), cfg, config_dict)
+        self.progress = None  # a tqdm bar while training on a terminal (start_progress)
+
+    def start_progress(self, total: int, initial: int) -> None:
+        """A progress bar with loss and samples/s when stdout is a terminal; cluster logs (not a
+        terminal) keep the plain lines only, which a bar's carriage returns would garble."""
+        if self.enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.progress = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout
+            )
+
+    def advance(self, loss, samples_per_s: float) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix(
+                loss=f"{float(loss):.4f}", samples_s=f"{samples_per_s:.1f}", refresh=False
+            )
+            self.progress.update(1)
 
     def log(self, kind: str, step: int, metrics: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
@@ -50,7 +68,11 @@ class MetricsLogger:
             shown = "  ".join(
                 f"{k} {_short(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list))
             )
-            print(f"[{kind} {step}] {shown}", file=sys.stdout, flush=True)
+            line = f"[{kind} {step}] {shown}"
+            if self.progress is not None:
+                self.progress.write(line)  # above the bar, which then redraws
+            else:
+                print(line, file=sys.stdout, flush=True)
         if self.wandb_run is not None:
             flat = {
                 f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
@@ -60,6 +82,9 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -152,6 +152,8 @@ def main(cfg: RunConfig) -> dict:
     # ---------------------------------------------------------------- model, loss, optimizer
     set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = ClipModel(cfg.model)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(cfg.model.text)
     train_transform, eval_transform = build_image_transforms(
         model.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
@@ -311,6 +313,8 @@ def main(cfg: RunConfig) -> dict:
     consecutive_skips = 0
     last_eval_step = -1
     model.train()
+    logger.start_progress(total, state.step)
+    step_start = time.perf_counter()
     while state.step < total:
         fetched = [next_micro_batch() for _ in range(accum)]
         micro_batches = [inputs for inputs, _ in fetched]
@@ -362,6 +366,9 @@ def main(cfg: RunConfig) -> dict:
             window["steps"] += 1
         state.step += 1
         state.samples_seen += global_batch
+        now = time.perf_counter()
+        logger.advance(loss, global_batch / (now - step_start))  # reads the loss only for a bar
+        step_start = now
 
         if due(state.step, cfg.train.log_every, total) and window["steps"]:
             elapsed = time.perf_counter() - window["start"]

@@ -58,3 +58,22 @@ def test_embeddings_are_unit_length_and_logit_scale_is_clamped():
 def test_from_pretrained_on_a_wrong_folder_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved clip_train model"):
         ClipModel.from_pretrained(tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_on():
+    _, plain = _model("model.text.hf_config.hidden_dropout_prob=0.2")
+    _, checkpointed = _model("model.text.hf_config.hidden_dropout_prob=0.2")
+    checkpointed.set_grad_checkpointing(True)
+    tokens = build_tokenizer(plain.cfg.text)(["a red circle", "a blue square", "a green star"])
+    images = torch.randn(3, 3, 64, 64)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(7)  # the same dropout masks in both
+        image_emb, text_emb, scale, _ = model(images, tokens)
+        (image_emb @ text_emb.T * scale).logsumexp(dim=1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+    assert checkpointed.visual.grad_checkpointing and checkpointed.text.transformer.gradient_checkpointing

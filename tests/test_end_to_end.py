@@ -113,6 +113,7 @@ def test_a_bad_model_setting_fails_in_one_line_and_leaves_no_run_dir(tmp_path, t
 def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_path, tiny_data):
     run_dir = tmp_path / "siglip"
     loss_settings = ["loss.kind=siglip", "loss.impl=tiled", "loss.block_size=5", "train.accum_steps=2"]
+    loss_settings.append("train.grad_checkpointing=true")  # recomputation inside the GradCache replay
     done = _train(run_dir, tiny_data, *loss_settings, "train.steps=4", "train.ckpt_every=2")
     assert done.returncode == 0, done.stderr[-2000:]
     setup = read_metrics(run_dir, "setup")[0]

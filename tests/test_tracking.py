@@ -49,3 +49,26 @@ def test_wandb_offline_needs_no_server(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == 1.5
+
+
+def test_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path, monkeypatch):
+    import io
+
+    from clip_train.config import LogConfig
+    from clip_train.tracking import MetricsLogger
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stdout, want_bar in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr("sys.stdout", stdout)
+        logger = MetricsLogger(tmp_path / str(want_bar), LogConfig(), {}, enabled=True)
+        logger.start_progress(total=4, initial=1)  # resumed at step 1
+        for step in (2, 3):
+            logger.advance(1.5, 40.0)
+            logger.log("train", step, {"loss": 1.5})
+        logger.close()
+        text = stdout.getvalue()
+        assert "[train 3] loss 1.5" in text
+        assert ("3/4" in text and "samples_s=40.0" in text) == want_bar

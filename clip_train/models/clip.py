@@ -48,6 +48,28 @@ class ClipModel(nn.Module):
         if cfg.image.channels_last:
             self.visual.to(memory_format=torch.channels_last)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the towers' activations in the backward instead of storing them (less memory,
+        about a third more compute): timm's and transformers' own switches, with the non-reentrant
+        checkpoint so that frozen (locked) inputs and dropout (RNG replayed) stay exact."""
+        try:
+            self.visual.set_grad_checkpointing(enable)
+        except (AttributeError, NotImplementedError, AssertionError):
+            raise ConfigError(
+                f"timm model {self.cfg.image.name} does not support gradient checkpointing: "
+                "set train.grad_checkpointing=false"
+            ) from None
+        transformer = self.text.transformer
+        if not transformer.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"the text model ({transformer.config.model_type}) does not support gradient checkpointing: "
+                "set train.grad_checkpointing=false"
+            )
+        if enable:
+            transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            transformer.gradient_checkpointing_disable()
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.image_features_to_embedding(self.image_tower_features(images), normalize)
 
