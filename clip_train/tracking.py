@@ -34,13 +34,13 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_run = None
+        self.progress = None  # a tqdm bar while training on a terminal (start_progress)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
         if wandb_wanted(cfg):
             self.wandb_run = _init_wandb(Path(run_dir), cfg, config_dict)
-        self.progress = None  # a tqdm bar while training on a terminal (start_progress)
 
     def start_progress(self, total: int, initial: int) -> None:
         """A progress bar with loss and samples/s when stdout is a terminal; cluster logs (not a

@@ -72,3 +72,15 @@ def test_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path, monkey
         text = stdout.getvalue()
         assert "[train 3] loss 1.5" in text
         assert ("3/4" in text and "samples_s=40.0" in text) == want_bar
+
+
+def test_a_disabled_logger_of_another_rank_accepts_every_call(tmp_path):
+    from clip_train.config import LogConfig
+    from clip_train.tracking import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "rank1", LogConfig(), {}, enabled=False)
+    logger.start_progress(total=3, initial=0)
+    logger.advance(1.0, 2.0)
+    logger.log("train", 1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "rank1").exists()
