@@ -105,13 +105,14 @@ def check_run_config(cfg: RunConfig) -> None:
         )
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when `flag` is true on at least one (one collective, all must call)."""
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag true on every rank when it is true on at least one (one collective for all of
+    them, which every rank must call)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+        return flags
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -338,7 +339,11 @@ def main(cfg: RunConfig) -> dict:
         # Under fp16 the GradScaler itself skips steps with non-finite gradients and lowers its
         # scale (optimizer.step must still run for that); only a non-finite loss is ours to skip.
         bad_grad = cfg.train.precision != "fp16" and not torch.isfinite(grad_norm).item()
-        if any_rank(not torch.isfinite(loss).item() or bad_grad, accelerator.device):
+        # One all-reduce per step agrees on both: skip this step? stop after it (a signal arrived)?
+        non_finite, preempt = any_rank(
+            [not torch.isfinite(loss).item() or bad_grad, preempt_requested], accelerator.device
+        )
+        if non_finite:
             consecutive_skips += 1
             logger.log(
                 "skip",
@@ -405,7 +410,7 @@ def main(cfg: RunConfig) -> dict:
                 batches = iter(loader)
         if kill_at and state.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if state.step < total and any_rank(preempt_requested, accelerator.device):
+        if state.step < total and preempt:
             if not due(state.step, cfg.train.ckpt_every, total):  # else just saved
                 meta = {**expected_meta, "samples_seen": state.samples_seen}
                 checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)

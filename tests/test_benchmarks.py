@@ -10,15 +10,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_loss_benchmark_quick_mode_measures_every_implementation(tmp_path):
-    out = tmp_path / "loss.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/loss.py", "--quick", "--out", str(out)],
+def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=REPO,
     )
+
+
+def test_loss_benchmark_quick_mode_measures_every_implementation(tmp_path):
+    out = tmp_path / "loss.json"
+    done = _run("loss.py", "--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {(r["impl"], r["n"]) for r in rows} == {
@@ -33,33 +37,14 @@ def test_loss_benchmark_quick_mode_measures_every_implementation(tmp_path):
 
 
 def test_loss_benchmark_rejects_an_unknown_implementation(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/loss.py",
-            "--quick",
-            "--impls",
-            "tiled,flash",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    done = _run("loss.py", "--quick", "--impls", "tiled,flash", "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "unknown --impls ['flash']" in done.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_eval_benchmark_quick_mode_times_both_sides_at_equal_accuracy(tmp_path):
     out = tmp_path / "eval.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/eval.py", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    done = _run("eval.py", "--quick", "--out", str(out), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     sides = result["sides"]

@@ -77,3 +77,22 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_on():
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
     assert checkpointed.visual.grad_checkpointing and checkpointed.text.transformer.gradient_checkpointing
+
+
+def test_a_tower_without_gradient_checkpointing_is_a_config_error(monkeypatch):
+    from clip_train.config import ConfigError
+
+    _, model = _model()
+
+    def unsupported(enable=True):
+        raise NotImplementedError
+
+    monkeypatch.setattr(model.visual, "set_grad_checkpointing", unsupported)
+    with pytest.raises(
+        ConfigError, match="does not support gradient checkpointing: set train.grad_checkpointing=false"
+    ):
+        model.set_grad_checkpointing(True)
+    monkeypatch.undo()  # the image tower supports it again; now the text tower does not
+    monkeypatch.setattr(model.text.transformer, "supports_gradient_checkpointing", False)
+    with pytest.raises(ConfigError, match=r"text model \(bert\) does not support gradient checkpointing"):
+        model.set_grad_checkpointing(True)

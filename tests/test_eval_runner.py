@@ -299,3 +299,20 @@ def test_traced_image_tower_gives_the_eager_embeddings_and_follows_weight_change
         )
         off = EvalContext(torch.device("cpu"), "fp32", 4, jit_image_tower=False)
         assert towers.get(model, images, off) == model.image_tower_features
+
+
+def test_plots_write_readable_pictures_for_few_and_many_classes(tmp_path):
+    from PIL import Image
+
+    from clip_train.evaluate.plots import plot_confusion, plot_recall_curves
+
+    for classes in (3, 25):  # numbers in the cells only up to 20 classes
+        matrix = (torch.eye(classes, dtype=torch.long) * 4 + 1).tolist()
+        path = tmp_path / f"confusion{classes}.png"
+        plot_confusion(matrix, [f"class {i}" for i in range(classes)], "title", path)
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 400
+    path = tmp_path / "recall.png"
+    plot_recall_curves(torch.tensor([0, 3, 60]), torch.tensor([1, 0, 7]), "title", path)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (600, 400)
