@@ -133,11 +133,26 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     raise ResumeError(f"train.resume={resume} is not a complete checkpoint or a run directory with one")
 
 
-def check_compatible(meta: dict[str, Any], expected: dict[str, Any], ckpt: Path) -> None:
-    """Refuse a resume whose model or process layout differs from the checkpoint's."""
+def check_compatible(
+    meta: dict[str, Any], expected: dict[str, Any], ckpt: Path, *, allow_data_order_change: bool = False
+) -> str:
+    """Refuse a resume whose model or data layout differs from the checkpoint's.
+
+    A different model is always refused. A different data layout (world size, batch size, loader
+    workers, ...: every key but "model") only changes which samples come next; with
+    `allow_data_order_change` it is accepted and described in the returned text ("" if nothing
+    changed), for the caller to warn about.
+    """
+    changes = []
     for key, value in expected.items():
-        if key in meta and meta[key] != value:
+        if key not in meta or meta[key] == value:
+            continue
+        if key == "model" or not allow_data_order_change:
+            fix = "use the same setting or a new run_dir"
+            if key != "model":
+                fix += " (or train.allow_resume_change=true to accept a different data order)"
             raise ResumeError(
-                f"cannot resume from {ckpt}: {key} was {meta[key]!r} there and is {value!r} now; "
-                "use the same setting or a new run_dir"
+                f"cannot resume from {ckpt}: {key} was {meta[key]!r} there and is {value!r} now; {fix}"
             )
+        changes.append(f"{key} {meta[key]!r} -> {value!r}")
+    return ", ".join(changes)

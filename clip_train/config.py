@@ -85,8 +85,21 @@ class LossConfig:
 
 
 @dataclass
+class DataSource:
+    shards: str = MISSING  # as data.train_shards
+    weight: float = 1.0  # relative share of the samples drawn from this source
+    name: str = ""  # in metrics.jsonl (data/share/<name>); empty = source<index>
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = MISSING  # brace pattern, list joined by "::", or a folder of .tar files
+    # Brace pattern (dir/train-{000000..000099}.tar), glob, folder of .tar files, pipe: command
+    # (pipe:aws s3 cp s3://bucket/x.tar -) or fsspec URL (s3://, gcs://, ...); several joined by
+    # "::". Required unless `sources` is given.
+    train_shards: str = ""
+    # Several sources sampled with replacement in proportion to their weights (resampled only):
+    # [{shards: ..., weight: 3}, {shards: ..., weight: 1}]. Replaces train_shards.
+    sources: list[DataSource] = field(default_factory=list)
     val_shards: str = ""  # held-out pairs for retrieval evaluation
     batch_size: int = 64  # per process
     num_workers: int = 2
@@ -98,6 +111,9 @@ class DataConfig:
     max_pixels: int = 50_000_000  # decompression-bomb guard
     # Bad samples are skipped and counted; above this fraction over a window the run stops.
     max_skip_frac: float = 0.01
+    # Decode JPEGs larger than twice the model's image size at 1/2, 1/4 or 1/8 scale (never
+    # below the image size) before the resize: much faster for big photos, nearly the same pixels.
+    fast_decode: bool = True
     # train augmentation: RandomResizedCrop scale range (OpenCLIP's default)
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.0
@@ -167,6 +183,10 @@ class TrainConfig:
     # "auto": continue from the latest complete checkpoint in run_dir if there is one;
     # "none": start fresh (refuses a run_dir that already has checkpoints); or a checkpoint path
     resume: str = "auto"
+    # Resuming with another world size, batch size, loader worker count, accumulation, checkpoint
+    # interval or data spec changes the order of the data from there on: refused unless this is
+    # true (then a warning names what changed). A different model is always refused.
+    allow_resume_change: bool = False
     cpu: bool = False  # force the CPU even when a GPU is present
     # Contrastive gradient accumulation (GradCache): k micro-batches of data.batch_size per process
     # form one contrastive batch of k * batch_size per process; activation memory of one micro-batch.
@@ -236,9 +256,27 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         fill_loss_defaults(cfg)
         if cfg.train.accum_steps < 1:
             raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+        check_data_sources(cfg.data)
         if cfg.loss.block_size < 1:
             raise ConfigError(f"loss.block_size must be at least 1, got {cfg.loss.block_size}")
     return cfg
+
+
+def check_data_sources(data: DataConfig) -> None:
+    """Exactly one of train_shards and sources; positive weights; names filled in and unique."""
+    if bool(data.train_shards) == bool(data.sources):
+        raise ConfigError(
+            "set exactly one of data.train_shards (one shard spec) and data.sources "
+            "(a list of {shards, weight}): "
+            + ("both are set" if data.sources else "missing required config value data.train_shards")
+        )
+    for i, source in enumerate(data.sources):
+        if not source.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight must be positive, got {source.weight}")
+        source.name = source.name or f"source{i}"
+    names = [source.name for source in data.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources names must be unique, got {names}: set data.sources[i].name")
 
 
 # The temperature and bias each loss starts from: CLIP's 0.07; SigLIP's t = 10, b = -10 (its

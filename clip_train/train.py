@@ -12,6 +12,7 @@ and a run resumed from the checkpoint at the start of a segment therefore read t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -30,9 +31,16 @@ from accelerate.utils import set_seed
 
 from clip_train import checkpoint
 from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
-from clip_train.config import ConfigError, RunConfig, save_config, to_dict
+from clip_train.config import ConfigError, DataConfig, RunConfig, save_config, to_dict
 from clip_train.data import DataError
-from clip_train.data.pipeline import build_train_loader, expand_urls
+from clip_train.data.pipeline import (
+    SKIP_REASONS,
+    DataErrors,
+    Source,
+    build_train_loader,
+    check_readers,
+    expand_urls,
+)
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.clip import ClipModel
@@ -115,6 +123,28 @@ def any_rank(flags: list[bool], device) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
+def train_sources(data: DataConfig) -> list[Source]:
+    if data.sources:
+        return [Source(s.name, s.shards, s.weight) for s in data.sources]
+    return [Source("train", data.train_shards)]
+
+
+def data_metrics(errors: DataErrors, source_counts: dict, sources: list[Source], accelerator) -> dict:
+    """Samples read and skipped (by reason) and each source's share, summed over all processes:
+    one all-reduce, which every rank calls at the same step."""
+    names = [source.name for source in sources]
+    stats, by_reason = errors.stats(), errors.skipped_by_reason()
+    local = [stats["seen"]] + [by_reason.get(r, 0) for r in SKIP_REASONS] + [source_counts[n] for n in names]
+    total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum")
+    total = [int(v) for v in total.tolist()]
+    seen, skipped, per_source = total[0], total[1 : 1 + len(SKIP_REASONS)], total[1 + len(SKIP_REASONS) :]
+    out = {"data/seen": seen, "data/skipped": sum(skipped)}
+    out.update({f"data/skipped/{r}": n for r, n in zip(SKIP_REASONS, skipped, strict=True) if n})
+    read = max(sum(per_source), 1)
+    out.update({f"data/share/{n}": c / read for n, c in zip(names, per_source, strict=True)})
+    return out
+
+
 def due(step: int, every: int, total: int) -> bool:
     """The one gate for periodic work: every `every` steps (0 = never), and always at the last."""
     return step == total or (every > 0 and step % every == 0)
@@ -128,8 +158,17 @@ def segment_seed(seed: int, segment: int, data_pass: int) -> int:
 def main(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     check_run_config(cfg)
-    # Fail on missing shards before a model is built or a process group waits.
-    expand_urls(cfg.data.train_shards)
+    # Fail on missing shards, or on readers left without a shard, before a model is built or a
+    # process group waits. (WORLD_SIZE: set by torchrun / accelerate launch before we start.)
+    sources = train_sources(cfg.data)
+    for source in sources:
+        expand_urls(source.shards, split="train")
+    check_readers(
+        sources,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        num_workers=cfg.data.num_workers,
+        resampled=cfg.data.resampled,
+    )
     if cfg.data.val_shards:
         expand_urls(cfg.data.val_shards)
     resume_from = checkpoint.resolve_resume(run_dir, cfg.train.resume)
@@ -141,14 +180,27 @@ def main(cfg: RunConfig) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     expected_meta = {
         "model": to_dict(cfg.model),
+        # everything below decides which samples each step reads (see the module docstring)
         "world_size": world,
         "batch_size": cfg.data.batch_size,
-        "accum_steps": cfg.train.accum_steps,  # micro-batches read per step: part of the data order
-        # the data stream is segmented by checkpoint interval (see the module docstring)
+        "num_workers": cfg.data.num_workers,
+        "accum_steps": cfg.train.accum_steps,
         "ckpt_every": cfg.train.ckpt_every,
+        "data": [[source.name, source.shards, source.weight] for source in sources],
     }
     if resume_from is not None:  # refuse an incompatible resume before anything heavy is built
-        checkpoint.check_compatible(checkpoint.read_meta(resume_from), expected_meta, resume_from)
+        changed = checkpoint.check_compatible(
+            checkpoint.read_meta(resume_from),
+            expected_meta,
+            resume_from,
+            allow_data_order_change=cfg.train.allow_resume_change,
+        )
+        if changed and accelerator.is_main_process:
+            print(
+                f"warning: resuming from {resume_from} with {changed}: the data order from here on "
+                "differs from an uninterrupted run (train.allow_resume_change=true)",
+                flush=True,
+            )
 
     # ---------------------------------------------------------------- model, loss, optimizer
     set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -227,7 +279,7 @@ def main(cfg: RunConfig) -> dict:
 
     def make_loader(step: int):
         return build_train_loader(
-            cfg.data.train_shards,
+            sources,
             batch_size=cfg.data.batch_size,
             num_workers=cfg.data.num_workers,
             seed=segment_seed(cfg.train.seed, step // segment_len, data_pass),
@@ -243,6 +295,7 @@ def main(cfg: RunConfig) -> dict:
             max_pixels=cfg.data.max_pixels,
             max_skip_frac=cfg.data.max_skip_frac,
             with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
+            decode_size=cfg.model.image.image_size if cfg.data.fast_decode else None,
         )
 
     # ---------------------------------------------------------------- loop
@@ -284,11 +337,14 @@ def main(cfg: RunConfig) -> dict:
                 ) from None
         window["data_wait"] += time.perf_counter() - fetch_start
         images, tokens, keys = batch[0].to(accelerator.device), batch[1].to(accelerator.device), batch[3]
+        for name in batch[4]:
+            source_counts[name] += 1
         if feature_cache is None or not encode:
             return (images, tokens, None), keys
         return (None, tokens, feature_cache.lookup(unwrapped, images, keys, accelerator.autocast)), keys
 
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
+    source_counts = collections.Counter()  # samples read per source since this process started
     eval_metrics: dict = {}
     if state.step % segment_len:
         # Resumed from a checkpoint taken inside a segment (after a preemption): read past the
@@ -394,7 +450,7 @@ def main(cfg: RunConfig) -> dict:
                     "samples_per_s": window["steps"] * global_batch / elapsed,
                     "data_wait_frac": window["data_wait"] / elapsed,
                     "samples_seen": state.samples_seen,
-                    **{f"data/{k}": v for k, v in loader.data_errors.stats().items()},
+                    **data_metrics(loader.data_errors, source_counts, sources, accelerator),
                 },
             )
             window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}

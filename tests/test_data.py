@@ -337,10 +337,16 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers, caplog):
     captions = {detokenize(t) for _, tokens in batches for t in tokens}
     assert captions <= {f"good {tag} {i}" for tag in "ab" for i in range(7)}
     assert len(captions) == len(batches) * 3 >= 12  # 14 good samples, the partial batch dropped
-    assert loader.data_errors.stats() == {"seen": 14, "skipped": 8}  # counted across worker processes
+    assert loader.data_errors.stats() == {  # counted across worker processes
+        "seen": 14,
+        "skipped": 8,
+        "skipped/no_caption": 2,
+        "skipped/empty_caption": 2,
+        "skipped/undecodable_image": 4,
+    }
     if num_workers == 0:
         messages = [r.getMessage() for r in caplog.records]
-        assert any(".tar " in m and "trunc: undecodable" in m for m in messages)  # with shard and key
+        assert any("(undecodable_image)" in m and ".tar atrunc: " in m for m in messages)  # shard and key
 
 
 def test_skip_rate_guard_and_real_bugs():

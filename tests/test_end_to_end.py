@@ -195,3 +195,50 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_continues_the_
     want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
     after = range(stopped_at + 1, 31)
     assert [got[s] for s in after] == pytest.approx([want[s] for s in after], abs=1e-6)
+
+
+def test_weighted_sources_with_two_workers_resume_exactly_and_resume_changes_need_consent(
+    tmp_path, tiny_data
+):
+    shards = tiny_data["shards"]
+    sources = (
+        f"data.sources=[{{shards: '{shards}/train-000000.tar', weight: 1, name: small}}, "
+        f"{{shards: '{shards}/train-00000[1-9].tar', weight: 3, name: big}}]"
+    )
+    settings = [sources, "data.train_shards=", "data.num_workers=2", "eval.zeroshot=[]", "data.val_shards="]
+    straight = _train(tmp_path / "straight", tiny_data, *settings)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _train(tmp_path / "run", tiny_data, *settings, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9
+    # another worker count changes the data order: refused, unless the config says it is fine
+    refused = _train(tmp_path / "run", tiny_data, *settings, "data.num_workers=0")
+    assert refused.returncode == 2
+    assert "num_workers was 2 there and is 0 now" in refused.stderr
+    assert "train.allow_resume_change=true" in refused.stderr
+    resumed = _train(tmp_path / "run", tiny_data, *settings)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
+    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+
+    record = read_metrics(tmp_path / "run", "train")[-1]
+    assert record["data/share/small"] + record["data/share/big"] == pytest.approx(1.0)
+    assert record["data/seen"] >= 4 * 8 and record["data/skipped"] == 0
+
+    allowed = _train(
+        tmp_path / "run", tiny_data, *settings, "data.num_workers=0", "train.steps=10",
+        "train.allow_resume_change=true",
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "num_workers 2 -> 0" in allowed.stdout and "differs from an uninterrupted run" in allowed.stdout
+
+
+def test_too_few_shards_for_the_readers_is_a_config_error_before_training(tmp_path, tiny_data):
+    shards = tiny_data["shards"]
+    proc = _train(
+        tmp_path / "run", tiny_data, f"data.train_shards={shards}/train-000000.tar",
+        "data.resampled=false", "data.num_workers=2",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1 shard(s) for 2 readers" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -31,7 +31,8 @@ import os
 import random
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from braceexpand import braceexpand  # webdataset's own dependency for {000..009
 from PIL import Image
 
 from clip_train.data import DataError
-from clip_train.data.shards import DEFAULT_MAX_PIXELS, open_image, to_rgb
+from clip_train.data.shards import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")  # pipe:curl ..., s
 
 
 class SampleError(ValueError):
-    """One sample is unusable (its message names the shard URL and the key)."""
+    """One sample is unusable: `reason` is one of SKIP_REASONS, the message names shard and key."""
+
+    def __init__(self, reason: str, message: str, url: str | None = None):
+        super().__init__(message)
+        self.reason, self.url = reason, url
 
 
 class DataQualityError(DataError):
@@ -121,39 +126,119 @@ def expand_urls(spec: str, *, split: str | None = None) -> list[str]:
 # Counting bad samples
 # ---------------------------------------------------------------------------------------------
 
+# Why a sample was skipped. The order is fixed: it indexes the shared counters below.
+SKIP_REASONS = (
+    "unreadable_shard",  # missing, truncated or corrupt tar (or a failing pipe: command)
+    "no_image",
+    "no_caption",
+    "empty_caption",  # empty or whitespace only
+    "caption_not_utf8",
+    "undecodable_image",  # random bytes, 0 bytes, truncated file
+    "image_too_large",  # over data.max_pixels (decompression bomb)
+    "other",
+)
+
 
 class DataErrors:
-    """The `handler=` of every webdataset stage: count a bad sample, log the first few, go on.
+    """The `handler=` of every webdataset stage: count a bad sample by reason and shard, log the
+    first few of each reason with shard and key, go on; stop when too many are bad.
 
     The totals live in shared memory so the main process sees what the loader workers skipped.
     """
 
-    def __init__(self, *, max_skip_frac: float | None = 0.01, window: int = 1000, log_first: int = 5):
+    def __init__(
+        self,
+        urls: list[str] = (),
+        *,
+        max_skip_frac: float | None = 0.01,
+        window: int = 1000,
+        log_first: int = 3,
+    ):
+        self._url_index = {url: i for i, url in enumerate(urls)}
+        self._urls = list(urls)
         self._seen = multiprocessing.Value("q", 0)
-        self._skipped = multiprocessing.Value("q", 0)
+        self._by_reason = multiprocessing.Array("q", len(SKIP_REASONS))
+        # per shard, so the guard can name the shards that cause the skips
+        self._shard_seen = multiprocessing.Array("q", max(len(self._urls), 1))
+        self._shard_skipped = multiprocessing.Array("q", max(len(self._urls), 1))
         self.max_skip_frac, self.window, self.log_first = max_skip_frac, window, log_first
-        self._logged = 0  # these three are per process (each worker has its own copy)
+        self._logged: dict[str, int] = {}  # these three are per process (each worker has its own)
         self._window_seen = 0
         self._window_skipped = 0
+        self._broken_stream: str | None = None
+
+    @staticmethod
+    def _classify(exn: BaseException) -> str:
+        if isinstance(exn, SampleError):
+            return exn.reason
+        if isinstance(exn, (tarfile.TarError, EOFError, OSError)):
+            return "unreadable_shard"
+        return "other"
+
+    def _shard_of(self, exn: BaseException) -> int | None:
+        # webdataset appends the shard URL to the args of errors raised while reading a tar
+        url = getattr(exn, "url", None)
+        candidates = [url] if url else [a for a in exn.args if isinstance(a, str)]
+        for candidate in candidates:
+            if candidate in self._url_index:
+                return self._url_index[candidate]
+        return None
+
+    def _reported_twice(self, exn: BaseException) -> bool:
+        """webdataset reports a tar that breaks inside a member twice: first its inner loop, with
+        " @ <stream>" appended to the message and no URL, then its outer loop, with the stream and
+        URL appended. The first is counted (and remembered); the second only names the shard."""
+        first = exn.args[0] if exn.args and isinstance(exn.args[0], str) else ""
+        if " @ " in first and not any(a in self._url_index for a in exn.args if isinstance(a, str)):
+            self._broken_stream = first.rsplit(" @ ", 1)[1]
+            return False
+        broken = self._broken_stream
+        if broken is not None and len(exn.args) >= 2 and str(exn.args[-2]) == broken:
+            self._broken_stream = None
+            return True
+        return False
 
     def __call__(self, exn: BaseException) -> bool:
-        if not isinstance(exn, _DATA_ERRORS):
-            raise exn
-        with self._skipped.get_lock():
-            self._skipped.value += 1
+        if not isinstance(exn, _DATA_ERRORS) or isinstance(exn, DataError):
+            raise exn  # a bug, or a verdict about the whole run (DataError): never counted away
+        reason = self._classify(exn)
+        if reason == "unreadable_shard" and self._reported_twice(exn):
+            shard = self._shard_of(exn)  # now with its URL: attribute it, but count it once
+            if shard is not None:
+                with self._shard_skipped.get_lock():
+                    self._shard_skipped[shard] += 1
+            return True
+        with self._by_reason.get_lock():
+            self._by_reason[SKIP_REASONS.index(reason)] += 1
+        shard = self._shard_of(exn)
+        if shard is not None:
+            with self._shard_skipped.get_lock():
+                self._shard_skipped[shard] += 1
         self._window_skipped += 1
-        if self._logged < self.log_first:
-            self._logged += 1
-            more = " (further bad samples are counted, not logged)" if self._logged == self.log_first else ""
-            log.warning("skipped a bad sample: %s: %s%s", type(exn).__name__, exn, more)
+        logged = self._logged.get(reason, 0)
+        if logged < self.log_first:
+            self._logged[reason] = logged + 1
+            more = " (further ones are counted, not logged)" if logged + 1 == self.log_first else ""
+            message = " ".join(str(a) for a in exn.args if isinstance(a, str)) or type(exn).__name__
+            log.warning("skipped a bad sample (%s): %s%s", reason, message, more)
         self._check()
         return True  # keep going
 
-    def ok(self) -> None:
+    def ok(self, url: str | None = None) -> None:
         with self._seen.get_lock():
             self._seen.value += 1
+        shard = self._url_index.get(url)
+        if shard is not None:
+            with self._shard_seen.get_lock():
+                self._shard_seen[shard] += 1
         self._window_seen += 1
         self._check()
+
+    def worst_shards(self, n: int = 3) -> list[str]:
+        """The shards with the most skipped samples, as "url (bad of total)"."""
+        counts = [(self._shard_skipped[i], self._shard_seen[i], url) for i, url in enumerate(self._urls)]
+        worst = sorted((c for c in counts if c[0]), key=lambda c: (-c[0], c[2]))[:n]
+        return [f"{url} ({bad} bad of {bad + good})" for bad, good, url in worst]
 
     def _check(self) -> None:
         total = self._window_seen + self._window_skipped
@@ -162,13 +247,26 @@ class DataErrors:
         frac = self._window_skipped / total
         self._window_seen = self._window_skipped = 0
         if self.max_skip_frac is not None and frac > self.max_skip_frac:
+            worst = self.worst_shards()
             raise DataQualityError(
-                f"{frac:.1%} of the last {total} samples were bad (limit {self.max_skip_frac:.1%}): "
-                "see the logged examples; fix the shards or raise max_skip_frac"
+                f"{frac:.1%} of the last {total} samples were bad (limit data.max_skip_frac="
+                f"{self.max_skip_frac:.1%}); by reason: "
+                + ", ".join(f"{reason} {n}" for reason, n in self.skipped_by_reason().items())
+                + (f"; worst shards: {', '.join(worst)}" if worst else "")
+                + ": fix or drop those shards, or raise data.max_skip_frac"
             )
 
+    def skipped_by_reason(self) -> dict[str, int]:
+        return {reason: n for reason, n in zip(SKIP_REASONS, self._by_reason[:], strict=True) if n}
+
     def stats(self) -> dict[str, int]:
-        return {"seen": self._seen.value, "skipped": self._skipped.value}
+        """{"seen": good samples, "skipped": bad ones, "skipped/<reason>": ... for each reason met}."""
+        by_reason = self.skipped_by_reason()
+        return {
+            "seen": self._seen.value,
+            "skipped": sum(by_reason.values()),
+            **{f"skipped/{reason}": n for reason, n in by_reason.items()},
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,13 +285,15 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _shard_seed(seed: int, rank: int) -> int:
-    return _seed("shards", seed, rank, _worker_id())  # called inside the worker
-
-
 def _split_by_rank(src: Iterable, *, rank: int, world_size: int) -> Iterator:
     # wds.split_by_node asks torch.distributed (or $RANK); the trainer tells us instead
     yield from itertools.islice(src, rank, None, world_size)
+
+
+def _tag_source(src: Iterable[dict], *, name: str) -> Iterator[dict]:
+    for sample in src:
+        sample[SOURCE_FIELD] = name
+        yield sample
 
 
 def _shuffle_samples(src: Iterable, *, bufsize: int, seed: int, rank: int) -> Iterator:
@@ -217,35 +317,47 @@ class _Prepare:
         errors: DataErrors,
         with_meta: bool | str,
         augment_seed: tuple | None = None,
+        decode_size: int | None = None,
     ):
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
         self.max_pixels, self.errors, self.with_meta = max_pixels, errors, with_meta
-        self.augment_seed = augment_seed
+        self.augment_seed, self.decode_size = augment_seed, decode_size
         self.position = 0  # samples this copy (one per loader worker) has prepared
 
     def __call__(self, sample: dict[str, Any]) -> tuple:
         self.position += 1
-        key = sample.get("__key__")
-        where = f"{sample.get('__url__')} {key}"
+        key, url = sample.get("__key__"), sample.get("__url__")
+        where = f"{url} {key}"
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
-            raise SampleError(f"{where}: no image (looked for {', '.join(self.image_keys)})")
+            raise SampleError("no_image", f"{where}: no image (looked for {', '.join(self.image_keys)})", url)
         raw = sample.get(self.text_key)
         if raw is None:
-            raise SampleError(f"{where}: no caption ({self.text_key})")
+            raise SampleError("no_caption", f"{where}: no caption ({self.text_key})", url)
         try:
             caption = " ".join((raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).split())
         except UnicodeDecodeError:
-            raise SampleError(f"{where}: caption is not UTF-8") from None
+            raise SampleError("caption_not_utf8", f"{where}: caption is not UTF-8", url) from None
         if not caption:
-            raise SampleError(f"{where}: empty caption")
+            raise SampleError("empty_caption", f"{where}: empty caption", url)
         try:
             image = open_image(data, self.max_pixels)
+        except ImageTooLarge as e:
+            raise SampleError("image_too_large", f"{where}: {e}", url) from None
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises, this image is unusable
+            raise SampleError("undecodable_image", f"{where}: {type(e).__name__}: {e}", url) from None
+        try:
+            if self.decode_size and image.format == "JPEG":
+                # JPEG draft mode: decode at 1/2, 1/4 or 1/8 scale in the DCT domain, the
+                # smallest that still leaves both sides >= decode_size, so a 1024 px photo headed
+                # for a 224 px crop never decodes all of its pixels (PIL keeps the size if no
+                # reduction fits).
+                image.draft(image.mode, (self.decode_size, self.decode_size))
             image.load()  # decode here, so a truncated file is reported with its key
             image = to_rgb(image)
-        except Exception as e:  # noqa: BLE001 - whatever PIL raises, this image is unusable
-            raise SampleError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001
+            raise SampleError("undecodable_image", f"{where}: {type(e).__name__}: {e}", url) from None
         if self.augment_seed is None:
             pixels = self.transform(image)
         else:
@@ -254,10 +366,12 @@ class _Prepare:
         tokens = torch.as_tensor(self.tokenize(caption), dtype=torch.long)
         if tokens.dim() == 2 and tokens.shape[0] == 1:  # tokenizers that return [1, L] for one text
             tokens = tokens[0]
-        self.errors.ok()
-        if self.with_meta == "url_key":  # unique across shard sets (keys are unique per writer only)
-            key = f"{sample.get('__url__')}/{key}"
-        return (pixels, tokens, caption, key) if self.with_meta else (pixels, tokens)
+        self.errors.ok(url)
+        if not self.with_meta:
+            return pixels, tokens
+        if self.with_meta == "url_key":  # training: keys unique across shard sets, and the source
+            return pixels, tokens, caption, f"{url}/{key}", sample.get(SOURCE_FIELD, "")
+        return pixels, tokens, caption, key
 
 
 @contextlib.contextmanager
@@ -285,9 +399,8 @@ def _seeded_random(seed: int):
 def _collate(samples: list[tuple]) -> tuple:
     images = torch.stack([s[0] for s in samples])
     tokens = torch.stack([s[1] for s in samples])
-    if len(samples[0]) == 2:
-        return images, tokens
-    return images, tokens, [s[2] for s in samples], [s[3] for s in samples]
+    # then one list per meta field: captions, keys (and, in training, source names)
+    return (images, tokens, *[list(field) for field in zip(*(s[2:] for s in samples), strict=True)])
 
 
 def _loader(stages: list, num_workers: int, errors: DataErrors) -> wds.WebLoader:
@@ -299,12 +412,124 @@ def _loader(stages: list, num_workers: int, errors: DataErrors) -> wds.WebLoader
 
 
 # ---------------------------------------------------------------------------------------------
+# Several sources, mixed by weight
+# ---------------------------------------------------------------------------------------------
+
+SOURCE_FIELD = "__source__"  # the name of the source a raw sample came from
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stream of training shards and its share of the samples (weights are relative)."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+
+
+def check_readers(sources: Sequence[Source], *, world_size: int, num_workers: int, resampled: bool) -> None:
+    """Refuse a layout that cannot read the shards, before any loader (or process group) starts:
+    without resampling every reader (process x worker) needs a shard of its own, or it would wait
+    for data that never comes."""
+    if resampled:
+        return
+    if len(sources) > 1:
+        raise DataError(
+            f"{len(sources)} data sources are mixed by weight, which needs resampled shards: "
+            "set data.resampled=true or train on one source"
+        )
+    count = len(expand_urls(sources[0].shards, split="train"))
+    readers = world_size * max(num_workers, 1)
+    if count < readers:
+        raise DataError(
+            f"{count} shard(s) for {readers} readers ({world_size} process(es) x {max(num_workers, 1)} "
+            f"worker(s)) without resampling: set data.num_workers to at most {count // world_size or 1}, "
+            "write smaller shards (clip-data --shard-size), or set data.resampled=true"
+        )
+
+
+class _ResampledMix(torch.utils.data.IterableDataset):
+    """The first stage of a resampled training pipeline: raw samples from several sources.
+
+    Each source draws shards with replacement from its own stream seeded by (seed, rank, worker,
+    source); which source gives the next sample is drawn from the weights with an RNG seeded by
+    (seed, rank, worker). The samples are a pure function of those, whatever the timing.
+    (webdataset's RandomMix draws from the unseeded global RNG, so it cannot be resumed exactly.)
+
+    A source whose shards give no sample at all would make a resampled stream wait forever; after
+    `max_empty_shards` shards in a row without one it raises DataError instead.
+    """
+
+    def __init__(self, sources: Sequence[tuple[str, list[str], float]], *, seed: int, rank: int, handler):
+        super().__init__()
+        self.sources, self.seed, self.rank, self.handler = list(sources), seed, rank, handler
+
+    def _source_samples(self, index: int) -> Iterator[dict]:
+        name, urls, _ = self.sources[index]
+        shard_stream = wds.ResampledShards(
+            urls,
+            seed=self.seed,
+            deterministic=True,
+            worker_seed=partial(_seed, "shards", self.seed, self.rank, _worker_id(), index),
+        )
+        max_empty = max(20, 3 * len(urls))
+        empty_run = 0
+
+        def counted_shards() -> Iterator[dict]:
+            nonlocal empty_run
+            for shard in shard_stream:
+                empty_run += 1
+                if empty_run > max_empty:
+                    raise DataError(
+                        f"data source {name!r} gave no sample from {max_empty} shards in a row "
+                        f"(e.g. {urls[0]}): check that its shards exist and hold samples"
+                    )
+                yield shard
+
+        for sample in wds.tarfile_samples(counted_shards(), handler=self.handler):
+            empty_run = 0
+            sample[SOURCE_FIELD] = name
+            yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        streams = [self._source_samples(i) for i in range(len(self.sources))]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        rng = random.Random(_seed("mix", self.seed, self.rank, _worker_id()))
+        indices, weights = list(range(len(streams))), [weight for _, _, weight in self.sources]
+        while True:
+            yield next(streams[rng.choices(indices, weights)[0]])
+
+
+def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
+    import fsspec  # torch's own dependency; imported only when such a URL is opened
+
+    return fsspec.open(url, mode).open()
+
+
+def _register_fsspec_schemes() -> None:
+    """Let webdataset open any URL fsspec knows (s3://, gcs://, az://, hdfs://, memory://, ...)
+    through its public scheme table, keeping its own handlers (pipe:, http(s), gs, ...) first."""
+    try:
+        import fsspec
+    except ImportError:
+        return
+    for scheme in fsspec.available_protocols():
+        if scheme not in wds.gopen_schemes and scheme != "file":
+            wds.gopen_schemes[scheme] = _fsspec_open
+
+
+_register_fsspec_schemes()
+
+
+# ---------------------------------------------------------------------------------------------
 # Public builders
 # ---------------------------------------------------------------------------------------------
 
 
 def build_train_loader(
-    shards: str,
+    shards: str | Sequence[Source],
     *,
     batch_size: int,
     num_workers: int,
@@ -321,47 +546,37 @@ def build_train_loader(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_skip_frac: float | None = 0.01,
     with_keys: bool = False,
+    decode_size: int | None = None,
 ) -> wds.WebLoader:
     """A WebLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
-    (with_keys: `(images, tokens, captions, keys)`, each key prefixed with its shard URL).
+    (with_keys: `(images, tokens, captions, keys, sources)`, each key prefixed with its shard URL).
 
-    Resampled: endless (call next() per step). Not resampled: one pass over this rank's shards;
-    build a new loader with seed + 1 for the next pass (the shard order changes with the seed).
+    `shards` is one shard spec (see expand_urls) or several `Source`s mixed by weight (resampled
+    only). Resampled: endless (call next() per step). Not resampled: one pass over this rank's
+    shards; build a new loader with another seed for the next pass (the shard order follows it).
+    `decode_size`: decode JPEGs at reduced scale, never below this many pixels a side (draft mode).
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
-    urls = expand_urls(shards, split="train")
-    errors = DataErrors(max_skip_frac=max_skip_frac)
+    sources = [Source("train", shards)] if isinstance(shards, str) else list(shards)
+    check_readers(sources, world_size=world_size, num_workers=num_workers, resampled=resampled)
+    expanded = [(s.name, expand_urls(s.shards, split="train"), s.weight) for s in sources]
+    errors = DataErrors([url for _, urls, _ in expanded for url in urls], max_skip_frac=max_skip_frac)
     if resampled:
         # each rank and worker draws its own seeded stream of shards: no split needed
-        stages: list = [
-            wds.ResampledShards(
-                urls, seed=seed, worker_seed=partial(_shard_seed, seed, rank), deterministic=True
-            )
-        ]
+        stages: list = [_ResampledMix(expanded, seed=seed, rank=rank, handler=errors)]
     else:
-        if len(urls) < world_size:
-            raise DataError(
-                f"{len(urls)} shard(s) for {world_size} processes: each process needs at least one; "
-                "write smaller shards (clip-data --shard-size) or train resampled"
-            )
-        per_rank = len(urls[rank::world_size])
-        if num_workers > per_rank:
-            log.warning(
-                "rank %d has %d shard(s) for %d workers: using %d workers",
-                rank,
-                per_rank,
-                num_workers,
-                per_rank,
-            )
-            num_workers = per_rank
-        stages = [wds.SimpleShardList(urls)]
+        stages = [wds.SimpleShardList(expanded[0][1])]
         if shard_shuffle > 1:
             # seeded by `seed` alone: every rank and worker must see the same order for the
             # round-robin split below to stay disjoint
             stages.append(wds.shuffle(shard_shuffle, initial=shard_shuffle, seed=_seed("order", seed)))
-        stages += [partial(_split_by_rank, rank=rank, world_size=world_size), wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=errors))
+        stages += [
+            partial(_split_by_rank, rank=rank, world_size=world_size),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=errors),
+            partial(_tag_source, name=sources[0].name),
+        ]
     if sample_shuffle > 1:  # shuffle the raw bytes, before the expensive decode
         stages.append(partial(_shuffle_samples, bufsize=sample_shuffle, seed=seed, rank=rank))
     prepare = _Prepare(
@@ -373,6 +588,7 @@ def build_train_loader(
         errors=errors,
         with_meta="url_key" if with_keys else False,
         augment_seed=(seed, rank),
+        decode_size=decode_size,
     )
     stages += [
         wds.map(prepare, handler=errors),
@@ -400,7 +616,7 @@ def build_eval_loader(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     urls = expand_urls(shards, split="val")
     num_workers = min(num_workers, len(urls[rank::world_size]))
-    errors = DataErrors(max_skip_frac=None)  # evaluation reports what it saw; it never stops a run
+    errors = DataErrors(urls, max_skip_frac=None)  # evaluation reports what it saw; it never stops a run
     prepare = _Prepare(
         image_key=image_key,
         text_key=text_key,
