@@ -40,6 +40,7 @@ from clip_train.data.pipeline import (
     build_train_loader,
     check_readers,
     expand_urls,
+    in_worker_order,
 )
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.loss.contrastive import ContrastiveLoss
@@ -70,12 +71,20 @@ class TrainState:
 
     step: int = 0
     samples_seen: int = 0
+    # Where the data stream of this checkpoint segment stands: the pass over non-resampled shards,
+    # and per loader worker the last raw sample position used (see build_train_loader).
+    data_pass: int = 0
+    data_positions: dict[int, int] = dataclasses.field(default_factory=dict)
+    data_next_worker: int = 0  # the loader worker whose batch comes next (they take turns)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.data_pass = state.get("data_pass", 0)
+        self.data_positions = {int(w): int(n) for w, n in state.get("data_positions", {}).items()}
+        self.data_next_worker = state.get("data_next_worker", 0)
 
 
 class ImageFeatureCache:
@@ -129,20 +138,40 @@ def train_sources(data: DataConfig) -> list[Source]:
     return [Source("train", data.train_shards)]
 
 
-def data_metrics(errors: DataErrors, source_counts: dict, sources: list[Source], accelerator) -> dict:
-    """Samples read and skipped (by reason) and each source's share, summed over all processes:
-    one all-reduce, which every rank calls at the same step."""
-    names = [source.name for source in sources]
-    stats, by_reason = errors.stats(), errors.skipped_by_reason()
-    local = [stats["seen"]] + [by_reason.get(r, 0) for r in SKIP_REASONS] + [source_counts[n] for n in names]
-    total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum")
-    total = [int(v) for v in total.tolist()]
-    seen, skipped, per_source = total[0], total[1 : 1 + len(SKIP_REASONS)], total[1 + len(SKIP_REASONS) :]
-    out = {"data/seen": seen, "data/skipped": sum(skipped)}
-    out.update({f"data/skipped/{r}": n for r, n in zip(SKIP_REASONS, skipped, strict=True) if n})
-    read = max(sum(per_source), 1)
-    out.update({f"data/share/{n}": c / read for n, c in zip(names, per_source, strict=True)})
-    return out
+class DataCounts:
+    """Samples read and skipped (by reason) and each source's share, since this process started:
+    the counts of loaders already replaced (one per checkpoint segment) are carried over."""
+
+    def __init__(self, sources: list[Source]):
+        self.names = [source.name for source in sources]
+        self.carried = collections.Counter()
+        self.per_source = collections.Counter()
+
+    def retire(self, loader) -> None:
+        if loader is not None:
+            self.carried.update(self._local(loader.data_errors))
+
+    def add_sources(self, names: list[str]) -> None:
+        self.per_source.update(names)
+
+    @staticmethod
+    def _local(errors: DataErrors) -> collections.Counter:
+        return collections.Counter({"seen": errors.stats()["seen"], **errors.skipped_by_reason()})
+
+    def metrics(self, loader, accelerator) -> dict:
+        """Summed over all processes: one all-reduce, which every rank calls at the same step."""
+        local = self.carried + self._local(loader.data_errors)
+        values = [local["seen"]] + [local[r] for r in SKIP_REASONS] + [self.per_source[n] for n in self.names]
+        total = accelerator.reduce(
+            torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum"
+        )
+        total = [int(v) for v in total.tolist()]
+        seen, skipped, per_source = total[0], total[1 : 1 + len(SKIP_REASONS)], total[1 + len(SKIP_REASONS) :]
+        out = {"data/seen": seen, "data/skipped": sum(skipped)}
+        out.update({f"data/skipped/{r}": n for r, n in zip(SKIP_REASONS, skipped, strict=True) if n})
+        read = max(sum(per_source), 1)
+        out.update({f"data/share/{n}": c / read for n, c in zip(self.names, per_source, strict=True)})
+        return out
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -275,14 +304,16 @@ def main(cfg: RunConfig) -> dict:
     # ---------------------------------------------------------------- data
     total = cfg.train.steps
     segment_len = cfg.train.ckpt_every if cfg.train.ckpt_every > 0 else total
-    data_pass = 0
+    if state.step % segment_len == 0:  # a new segment starts: its stream from the beginning
+        state.data_pass, state.data_positions, state.data_next_worker = 0, {}, 0
 
-    def make_loader(step: int):
+    def make_loader(step: int, skip_through: dict[int, int] | None = None):
+        data_counts.retire(loader)
         return build_train_loader(
             sources,
             batch_size=cfg.data.batch_size,
             num_workers=cfg.data.num_workers,
-            seed=segment_seed(cfg.train.seed, step // segment_len, data_pass),
+            seed=segment_seed(cfg.train.seed, step // segment_len, state.data_pass),
             rank=rank,
             world_size=world,
             transform=train_transform,
@@ -296,6 +327,7 @@ def main(cfg: RunConfig) -> dict:
             max_skip_frac=cfg.data.max_skip_frac,
             with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
             decode_size=cfg.model.image.image_size if cfg.data.fast_decode else None,
+            skip_through=skip_through,
         )
 
     # ---------------------------------------------------------------- loop
@@ -314,19 +346,33 @@ def main(cfg: RunConfig) -> dict:
             "contrastive_batch": global_batch,
         },
     )
-    # Creating a loader iterator draws from torch's RNG (DataLoader's base seed): see the skip below.
+    # Resumed inside a segment (from a preemption checkpoint): the loader drops, undecoded, the
+    # samples the interrupted run had used, so the data continues exactly where it stopped.
+    # Starting a loader's iterator draws from torch's RNG (DataLoader's base seed); inside a
+    # segment the checkpoint's RNG state already holds that draw: put the state back after it.
+    data_counts = DataCounts(sources)
+    loader = None
     rng_before_loader = (capture_rng(), random.getstate(), np.random.get_state())
-    loader = make_loader(state.step)
-    batches = iter(loader)
+    loader = make_loader(state.step, skip_through=state.data_positions)
+    batches = in_worker_order(
+        iter(loader), num_workers=cfg.data.num_workers, first_worker=state.data_next_worker
+    )
+    if state.step % segment_len:
+        restore_rng(rng_before_loader[0])
+        random.setstate(rng_before_loader[1])
+        np.random.set_state(rng_before_loader[2])
+        skipped = sum(state.data_positions.values())
+        accelerator.print(f"resumed inside a data segment: skipping {skipped} samples already used")
 
     def next_micro_batch(encode: bool = True) -> tuple:
         """(images or None, tokens, cached image features or None) on the device, and the keys."""
-        nonlocal loader, batches, data_pass
+        nonlocal loader, batches
         fetch_start = time.perf_counter()
         try:
             batch = next(batches)
         except StopIteration:  # one pass over non-resampled shards ended: start the next pass
-            data_pass += 1
+            state.data_pass += 1
+            state.data_positions, state.data_next_worker = {}, 0
             loader = make_loader(state.step)
             batches = iter(loader)
             batch = next(batches, None)
@@ -337,25 +383,16 @@ def main(cfg: RunConfig) -> dict:
                 ) from None
         window["data_wait"] += time.perf_counter() - fetch_start
         images, tokens, keys = batch[0].to(accelerator.device), batch[1].to(accelerator.device), batch[3]
-        for name in batch[4]:
-            source_counts[name] += 1
+        data_counts.add_sources(batch[4])
+        for worker, position in batch[5]:  # positions only grow within a worker's stream
+            state.data_positions[worker] = max(position, state.data_positions.get(worker, 0))
+        state.data_next_worker = (batch[5][0][0] + 1) % max(cfg.data.num_workers, 1)
         if feature_cache is None or not encode:
             return (images, tokens, None), keys
         return (None, tokens, feature_cache.lookup(unwrapped, images, keys, accelerator.autocast)), keys
 
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
-    source_counts = collections.Counter()  # samples read per source since this process started
     eval_metrics: dict = {}
-    if state.step % segment_len:
-        # Resumed from a checkpoint taken inside a segment (after a preemption): read past the
-        # batches the interrupted run had used, so the data continues where it stopped. Building
-        # the loader and augmenting in the main process (num_workers 0) draw from the global RNGs,
-        # which the checkpoint had already set to their state after those batches: put them back.
-        for _ in range(state.step % segment_len * accum):
-            next_micro_batch(encode=False)
-        restore_rng(rng_before_loader[0])
-        random.setstate(rng_before_loader[1])
-        np.random.set_state(rng_before_loader[2])
 
     preempt_requested = False
 
@@ -450,7 +487,7 @@ def main(cfg: RunConfig) -> dict:
                     "samples_per_s": window["steps"] * global_batch / elapsed,
                     "data_wait_frac": window["data_wait"] / elapsed,
                     "samples_seen": state.samples_seen,
-                    **data_metrics(loader.data_errors, source_counts, sources, accelerator),
+                    **data_counts.metrics(loader, accelerator),
                 },
             )
             window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
@@ -461,7 +498,7 @@ def main(cfg: RunConfig) -> dict:
             meta = {**expected_meta, "samples_seen": state.samples_seen}
             checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
             if state.step < total:
-                data_pass = 0
+                state.data_pass, state.data_positions, state.data_next_worker = 0, {}, 0
                 loader = make_loader(state.step)  # a new segment starts (see the module docstring)
                 batches = iter(loader)
         if kill_at and state.step == kill_at:

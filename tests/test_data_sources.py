@@ -27,6 +27,7 @@ from clip_train.data.pipeline import (
     Source,
     build_train_loader,
     check_readers,
+    in_worker_order,
 )
 
 CONTEXT = 24
@@ -132,7 +133,7 @@ def test_each_kind_of_bad_data_is_counted_by_reason_and_never_fatal(tmp_path, nu
     assert captions - good_from_truncated == {"good", "grayscale", "cut-out", "palette"}
     assert 1 <= len(good_from_truncated) < 6  # the members before the cut are read
     assert all(images.shape == (1, 3, 8, 8) for images, *_ in batches)
-    by_key = {keys[0].rsplit("/", 1)[1]: images[0] for images, _, _, keys, _ in batches}
+    by_key = {keys[0].rsplit("/", 1)[1]: images[0] for images, _, _, keys, *_ in batches}
     assert torch.allclose(by_key["rgba"][:, 0, 0], torch.ones(3))  # transparency composited on white
     stats = run.data_errors.stats()  # counted across the worker processes
     assert {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("skipped/")} == expected
@@ -172,6 +173,41 @@ def test_a_run_of_bad_shards_stops_the_loader(tmp_path):
             pass
 
 
+# ------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop_after", [3, 4])  # after a batch of worker 0, and of worker 1
+def test_a_loader_rebuilt_from_the_positions_continues_with_the_same_batches(
+    tmp_path, num_workers, stop_after
+):
+    for i in range(3):
+        good_shard(tmp_path / f"{i}.tar", f"s{i}-", n=10)
+
+    def augment(img):  # a random transform, drawing from torch's global RNG like torchvision's
+        return to_tensor(img) * torch.rand(1)
+
+    settings = dict(
+        resampled=True, sample_shuffle=8, num_workers=num_workers, batch_size=3, seed=5, transform=augment
+    )
+    straight = list(itertools.islice(loader(str(tmp_path), **settings), 8))
+    positions: dict[int, int] = {}
+    for *_, batch_positions in straight[:stop_after]:
+        for worker, n in batch_positions:
+            positions[worker] = max(n, positions.get(worker, 0))
+    next_worker = (straight[stop_after - 1][5][0][0] + 1) % max(num_workers, 1)
+    resumed = in_worker_order(
+        iter(loader(str(tmp_path), skip_through=positions, **settings)),
+        num_workers=num_workers,
+        first_worker=next_worker,
+    )
+    for want, got in zip(straight[stop_after:], resumed, strict=False):
+        assert want[3] == got[3]  # the same samples, in the same order
+        assert torch.equal(want[0], got[0])  # augmented the same way
+    if num_workers == 2:
+        assert len(positions) == 2 and next_worker == stop_after % 2
+
+
 # ------------------------------------------------------------------------------ sources
 
 
@@ -180,7 +216,7 @@ def test_sources_are_mixed_by_weight_and_tagged(tmp_path):
     good_shard(tmp_path / "b.tar", "b", n=20)
     sources = [Source("big", str(tmp_path / "a.tar"), 3.0), Source("small", str(tmp_path / "b.tar"), 1.0)]
     counts = collections.Counter()
-    for _, tokens, _, keys, names in itertools.islice(loader(sources, resampled=True, batch_size=8), 250):
+    for _, tokens, _, keys, names, _ in itertools.islice(loader(sources, resampled=True, batch_size=8), 250):
         for t, key, name in zip(tokens, keys, names, strict=True):
             assert detokenize(t)[0] == {"big": "a", "small": "b"}[name]  # the tag is the sample's source
             assert Path(key).parent.name == ("a.tar" if name == "big" else "b.tar")
@@ -196,7 +232,7 @@ def test_a_mix_is_a_pure_function_of_the_seed(tmp_path):
 
     def keys(seed, workers):
         run = loader(sources, resampled=True, seed=seed, num_workers=workers, sample_shuffle=5)
-        return [k for *_, ks, _ in itertools.islice(run, 12) for k in ks]
+        return [k for _, _, _, ks, *_ in itertools.islice(run, 12) for k in ks]
 
     assert keys(1, 0) == keys(1, 0) and keys(1, 2) == keys(1, 2)
     assert keys(1, 0) != keys(2, 0)
@@ -214,14 +250,14 @@ def test_an_empty_source_is_an_error_not_a_hang(tmp_path):
 
 def test_pipe_and_fsspec_urls(tmp_path):
     good_shard(tmp_path / "a.tar", "a", n=8)
-    via_pipe = [k for *_, ks, _ in loader(f"pipe:cat {tmp_path}/a.tar") for k in ks]
+    via_pipe = [k for _, _, _, ks, *_ in loader(f"pipe:cat {tmp_path}/a.tar") for k in ks]
     assert [k.rsplit("/", 1)[1] for k in via_pipe] == [f"a{i:03d}" for i in range(8)]
     assert via_pipe[0].startswith("pipe:cat ")
 
     fsspec = pytest.importorskip("fsspec")
     with fsspec.open("memory://shards/a.tar", "wb") as f:
         f.write((tmp_path / "a.tar").read_bytes())
-    via_memory = [k for *_, ks, _ in loader("memory://shards/a.tar") for k in ks]
+    via_memory = [k for _, _, _, ks, *_ in loader("memory://shards/a.tar") for k in ks]
     assert [k.rsplit("/", 1)[1] for k in via_memory] == [f"a{i:03d}" for i in range(8)]
 
 

@@ -161,13 +161,17 @@ def _train_lr(step: int, total: int) -> float:
     return 1e-3 * lr_factor(step, total, OptimConfig(lr=1e-3, warmup_steps=2))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
 def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_continues_the_same_losses(
-    tmp_path, tiny_data
+    tmp_path, tiny_data, num_workers
 ):
     import signal
     import time
 
-    settings = ["train.steps=30", "train.ckpt_every=20", "eval.zeroshot=[]", "data.val_shards="]
+    settings = [
+        "train.steps=30", "train.ckpt_every=20", "eval.zeroshot=[]", "data.val_shards=",
+        f"data.num_workers={num_workers}",
+    ]  # fmt: skip
     straight = _train(tmp_path / "straight", tiny_data, *settings)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
@@ -192,6 +196,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_continues_the_
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=_repo())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the loader dropped the used samples undecoded instead of reading batches again
+    assert f"skipping {stopped_at * 8} samples" in resumed.stdout
     want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
     after = range(stopped_at + 1, 31)
     assert [got[s] for s in after] == pytest.approx([want[s] for s in after], abs=1e-6)

@@ -21,6 +21,7 @@ This module never imports the models: the image transform and the tokenizer arri
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -318,15 +319,19 @@ class _Prepare:
         with_meta: bool | str,
         augment_seed: tuple | None = None,
         decode_size: int | None = None,
+        skip_through: dict[int, int] | None = None,
     ):
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
         self.max_pixels, self.errors, self.with_meta = max_pixels, errors, with_meta
         self.augment_seed, self.decode_size = augment_seed, decode_size
+        self.skip_through = dict(skip_through or {})  # a copy: the caller's may keep changing
         self.position = 0  # samples this copy (one per loader worker) has prepared
 
-    def __call__(self, sample: dict[str, Any]) -> tuple:
+    def __call__(self, sample: dict[str, Any]) -> tuple | None:
         self.position += 1
+        if self.position <= self.skip_through.get(_worker_id(), 0):
+            return None  # consumed before a resume: dropped by wds.map without being decoded
         key, url = sample.get("__key__"), sample.get("__url__")
         where = f"{url} {key}"
         data = next((sample[k] for k in self.image_keys if k in sample), None)
@@ -369,8 +374,10 @@ class _Prepare:
         self.errors.ok(url)
         if not self.with_meta:
             return pixels, tokens
-        if self.with_meta == "url_key":  # training: keys unique across shard sets, and the source
-            return pixels, tokens, caption, f"{url}/{key}", sample.get(SOURCE_FIELD, "")
+        if self.with_meta == "url_key":  # training: keys unique across shard sets, the source, and
+            # where in this worker's stream the sample was (what a resume skips through)
+            where_in_stream = (_worker_id(), self.position)
+            return pixels, tokens, caption, f"{url}/{key}", sample.get(SOURCE_FIELD, ""), where_in_stream
         return pixels, tokens, caption, key
 
 
@@ -399,14 +406,19 @@ def _seeded_random(seed: int):
 def _collate(samples: list[tuple]) -> tuple:
     images = torch.stack([s[0] for s in samples])
     tokens = torch.stack([s[1] for s in samples])
-    # then one list per meta field: captions, keys (and, in training, source names)
+    # then one list per meta field: captions, keys (and, in training, sources, stream positions)
     return (images, tokens, *[list(field) for field in zip(*(s[2:] for s in samples), strict=True)])
 
 
-def _loader(stages: list, num_workers: int, errors: DataErrors) -> wds.WebLoader:
-    # batching happens in the pipeline (batch_size=None here); shuffle stays off because the
-    # seeded stages above already shuffle, and DataLoader's own shuffle is for map datasets
-    loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, shuffle=False, num_workers=num_workers)
+def _loader(stages: list, num_workers: int, errors: DataErrors) -> torch.utils.data.DataLoader:
+    # Batching happens in the pipeline (batch_size=None here); shuffle stays off because the
+    # seeded stages above already shuffle, and DataLoader's own shuffle is for map datasets.
+    # A plain DataLoader rather than wds.WebLoader: WebLoader starts the DataLoader's iterator
+    # lazily, at the first batch, and that is when torch's RNG is drawn for the workers' base seed;
+    # a resume must be able to put the RNG back right after iter(loader) (see train.py).
+    loader = torch.utils.data.DataLoader(
+        wds.DataPipeline(*stages), batch_size=None, shuffle=False, num_workers=num_workers
+    )
     loader.data_errors = errors  # `loader.data_errors.stats()` -> {"seen": ..., "skipped": ...}
     return loader
 
@@ -547,14 +559,18 @@ def build_train_loader(
     max_skip_frac: float | None = 0.01,
     with_keys: bool = False,
     decode_size: int | None = None,
-) -> wds.WebLoader:
-    """A WebLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
-    (with_keys: `(images, tokens, captions, keys, sources)`, each key prefixed with its shard URL).
+    skip_through: dict[int, int] | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
+    (with_keys: `(images, tokens, captions, keys, sources, positions)`, each key prefixed with its
+    shard URL, each position `(worker, n)`: the sample was the n-th raw sample of that worker).
 
     `shards` is one shard spec (see expand_urls) or several `Source`s mixed by weight (resampled
     only). Resampled: endless (call next() per step). Not resampled: one pass over this rank's
     shards; build a new loader with another seed for the next pass (the shard order follows it).
     `decode_size`: decode JPEGs at reduced scale, never below this many pixels a side (draft mode).
+    `skip_through` {worker: n}: drop each worker's first n raw samples undecoded, so a loader built
+    with the same arguments continues exactly after the positions an earlier one had reached.
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -589,12 +605,37 @@ def build_train_loader(
         with_meta="url_key" if with_keys else False,
         augment_seed=(seed, rank),
         decode_size=decode_size,
+        skip_through=skip_through,
     )
     stages += [
         wds.map(prepare, handler=errors),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     ]
     return _loader(stages, num_workers, errors)
+
+
+def in_worker_order(batches: Iterable[tuple], *, num_workers: int, first_worker: int) -> Iterator[tuple]:
+    """Training batches (with positions) in the order an uninterrupted loader would give them.
+
+    DataLoader takes batches from its workers in turn, always starting with worker 0. A loader
+    rebuilt to resume after a batch of worker k must start with worker k + 1 instead: hold back
+    the (at most num_workers - 1) batches that arrive early.
+    """
+    if num_workers <= 1 or first_worker % num_workers == 0:
+        yield from batches
+        return
+    waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+    expected = first_worker % num_workers
+    for batch in batches:
+        waiting[batch[5][0][0]].append(batch)
+        while waiting[expected]:
+            yield waiting[expected].popleft()
+            expected = (expected + 1) % num_workers
+    # the stream ended (one pass over non-resampled shards): what is left, in turn
+    while any(waiting.values()):
+        if waiting[expected]:
+            yield waiting[expected].popleft()
+        expected = (expected + 1) % num_workers
 
 
 def build_eval_loader(
@@ -609,8 +650,8 @@ def build_eval_loader(
     image_key: str = "jpg;png;webp;jpeg",
     text_key: str = "txt",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> wds.WebLoader:
-    """A WebLoader of `(images, tokens, captions, keys)` over every sample once, in a fixed order
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of `(images, tokens, captions, keys)` over every sample once, in a fixed order
     (shards in order, dealt to ranks then workers; no shuffle; the last batch may be smaller)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
