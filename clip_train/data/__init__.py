@@ -4,6 +4,7 @@
                  over user data (a folder of image + .txt pairs, a CSV/TSV/JSONL manifest)
     shards.py    write_shards(): decode, resize, JPEG, split by content hash, tar shards + stats.json
     pipeline.py  expand_urls(), build_train_loader(), build_eval_loader()
+    inspection.py inspect_shards(): what shards hold (statistics, bad samples, a contact sheet)
     build.py     the `clip-data` command
 
 This file stays import-light on purpose: it holds only the error type every module shares.

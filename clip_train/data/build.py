@@ -3,6 +3,7 @@
     clip-data demo --out shards/demo --emoji-package fluent-emoji-3d.tgz
     clip-data folder photos/ --out shards/photos
     clip-data manifest pairs.csv --image-col file --caption-col text --out shards/pairs
+    clip-data inspect shards/demo --sheet inspect.png     # statistics and a contact sheet, reads only
 
 Re-running is cheap: when the output folder already holds a finished build (its stats.json), the
 command says so and exits 0 without touching it, unless --overwrite is given.
@@ -11,6 +12,7 @@ command says so and exits 0 without touching it, unless --overwrite is given.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Write image-text pairs as webdataset tar shards."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,folder,manifest}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,folder,manifest,inspect}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
@@ -65,7 +67,47 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument(
         "--sep", default="auto", help="auto (by extension), tab, comma, jsonl or a character"
     )
+
+    # reads shards and writes no shards: not a child of `common` (no --out, no stats.json check)
+    inspect = commands.add_parser(
+        "inspect", help="statistics of existing shards, bad samples, and a contact sheet of samples"
+    )
+    inspect.add_argument(
+        "shards", help="a folder of .tar shards, a brace pattern, a glob, pipe: URLs, several joined by '::'"
+    )
+    inspect.add_argument("--split", choices=["train", "val"], help="only this split of a clip-data folder")
+    inspect.add_argument("--limit", type=int, metavar="N", help="read at most N samples, spread over shards")
+    inspect.add_argument("--samples", type=int, default=24, metavar="N", help="on the sheet (0: none)")
+    inspect.add_argument("--seed", type=int, default=0, metavar="N", help="picks the sheet's samples")
+    inspect.add_argument(
+        "--sheet", type=Path, default=Path("inspect.png"), metavar="PATH", help="default ./inspect.png"
+    )
+    inspect.add_argument("--json", type=Path, metavar="PATH", help="also write the statistics as JSON")
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    # inspect.py imports PIL and webdataset (and so torch): only once the arguments are good
+    from clip_train.data.inspection import format_report, inspect_shards
+
+    try:
+        report = inspect_shards(
+            args.shards, split=args.split, limit=args.limit, samples=args.samples, seed=args.seed,
+            sheet=args.sheet,
+        )  # fmt: skip
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    except (DataError, OSError) as e:  # OSError: a --sheet or --json we may not write
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(format_report(report))
+    if args.json:
+        print(f"statistics written to {args.json}")
+    return 0
 
 
 def _summary(stats: dict[str, Any], out: Path) -> str:
@@ -93,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed its usage message already
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    if args.command == "inspect":  # reads only: the quick exit below is for the build commands
+        return _inspect(args)
 
     if (args.out / "stats.json").exists() and not args.overwrite:
         print(f"shards already built in {args.out} (delete it or pass --overwrite)")
