@@ -132,6 +132,13 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     # lr multiplier for parameters of pretrained towers (new projections use lr itself)
     tower_lr_mult: float = 1.0
+    # Per tower, overriding tower_lr_mult when set (fine-tuning: e.g. image 0.1, text 0.5).
+    image_lr_mult: float | None = None
+    text_lr_mult: float | None = None
+    # Layer-wise lr decay: a tower's top layer gets its tower lr, each layer below `layer_decay`
+    # times the one above (BEiT / timm style; 1.0 = off). Image layers are timm's parameter groups,
+    # text layers the transformer's layers, with the embeddings below the first.
+    layer_decay: float = 1.0
 
 
 @dataclass

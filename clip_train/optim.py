@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
-from clip_train.config import OptimConfig
+from clip_train.config import ConfigError, OptimConfig
 
-TOWER_PREFIXES = ("visual.", "text.")  # parameters of the (possibly pretrained) encoder towers
+TOWERS = {"visual.": "image", "text.": "text"}  # parameter prefix -> tower (the rest is the head)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -19,23 +20,92 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or name.startswith("logit_")
 
 
+def _tower_of(name: str) -> str:
+    return next((tower for prefix, tower in TOWERS.items() if name.startswith(prefix)), "head")
+
+
+def _text_layer_stack(text: nn.Module) -> nn.ModuleList | None:
+    lists = [m for m in text.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters())) if lists else None
+
+
+def layer_depths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{parameter name: (depth, top depth of its tower)} for the towers' parameters.
+
+    Image tower: timm's own parameter groups (group_matcher(coarse=False): stem 0, one per block,
+    the head with the last), as timm's layer-decay helper uses. Text tower: the embeddings 0, layer
+    i is i + 1, whatever follows the layer stack (a final norm) the top.
+    """
+    depths: dict[str, tuple[int, int]] = {}
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        if not hasattr(visual, "group_matcher"):
+            raise ConfigError(f"{type(visual).__name__} has no timm group_matcher: set optim.layer_decay=1")
+        groups = group_parameters(visual, visual.group_matcher(coarse=False))
+        top = max(groups)
+        for gid, names in groups.items():
+            depths.update({f"visual.{name}": (gid, top) for name in names})
+    text = getattr(model, "text", None)
+    stack = _text_layer_stack(text) if text is not None else None
+    if stack is not None:
+        layer_of = {id(p): i + 1 for i, layer in enumerate(stack) for p in layer.parameters()}
+        top = len(stack) + 1
+        seen_layers = False
+        for name, p in text.named_parameters():  # registration order: embeddings, layers, the rest
+            if id(p) in layer_of:
+                seen_layers = True
+                depths[f"text.{name}"] = (layer_of[id(p)], top)
+            else:
+                depths[f"text.{name}"] = (top if seen_layers else 0, top)
+    return depths
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Four groups at most: (tower | head) x (decay | no decay); frozen parameters are left out."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    """Groups by (tower, layer lr scale, decay or not); frozen parameters are left out.
+
+    A tower's lr is lr x its multiplier (image_lr_mult / text_lr_mult, else tower_lr_mult) x
+    layer_decay^(top depth - depth); the head (projections, temperature, bias) uses lr itself.
+    """
+    mults = {
+        "image": cfg.tower_lr_mult if cfg.image_lr_mult is None else cfg.image_lr_mult,
+        "text": cfg.tower_lr_mult if cfg.text_lr_mult is None else cfg.text_lr_mult,
+        "head": 1.0,
+    }
+    depths = layer_depths(model) if cfg.layer_decay != 1.0 else {}
+    groups: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = (name.startswith(TOWER_PREFIXES), _no_decay(name, param))
-        groups.setdefault(key, []).append(param)
+        tower = _tower_of(name)
+        scale = mults[tower]
+        if name in depths:
+            depth, top = depths[name]
+            scale *= cfg.layer_decay ** (top - depth)
+        groups.setdefault((tower, scale, _no_decay(name, param)), []).append(param)
     return [
         {
             "params": params,
             "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-            "lr": cfg.lr * (cfg.tower_lr_mult if is_tower else 1.0),
-            "name": f"{'tower' if is_tower else 'head'}_{'no_decay' if no_decay else 'decay'}",
+            "lr": cfg.lr * scale,
+            "name": f"{tower}_{'no_decay' if no_decay else 'decay'}"
+            + (f"_x{scale:.4g}" if depths and tower != "head" else ""),
         }
-        for (is_tower, no_decay), params in sorted(groups.items())
+        for (tower, scale, no_decay), params in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])
+        )
     ]
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """ "image 4.01M/4.01M, text 22.71M/22.71M, head 0.43M/0.43M trainable": what the log states."""
+    counts: dict[str, list[int]] = {"image": [0, 0], "text": [0, 0], "head": [0, 0]}
+    for name, param in model.named_parameters():
+        entry = counts[_tower_of(name)]
+        entry[0] += param.numel() if param.requires_grad else 0
+        entry[1] += param.numel()
+    return (
+        ", ".join(f"{tower} {t / 1e6:.2f}M/{n / 1e6:.2f}M" for tower, (t, n) in counts.items()) + " trainable"
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -46,7 +46,7 @@ from clip_train.evaluate.runner import run_evaluation
 from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.clip import ClipModel
 from clip_train.models.towers import build_image_transforms, build_tokenizer
-from clip_train.optim import build_optimizer, build_scheduler
+from clip_train.optim import build_optimizer, build_scheduler, trainable_summary
 from clip_train.tracking import MetricsLogger
 
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -276,7 +276,8 @@ def main(cfg: RunConfig) -> dict:
         num_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         accelerator.print(
-            f"run_dir {run_dir}  params {num_params / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable)"
+            f"run_dir {run_dir}  params {num_params / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable: "
+            f"{trainable_summary(model)})"
         )
 
     unwrapped = accelerator.unwrap_model(model)

@@ -27,13 +27,13 @@ def test_groups_exclude_bias_norm_and_logit_scale_from_weight_decay():
     assert members == {
         "head_decay": ["image_proj.weight"],
         "head_no_decay": ["logit_scale"],
-        "tower_decay": ["visual.0.weight"],
-        "tower_no_decay": sorted(
-            ["text.1.bias", "text.1.weight", "visual.0.bias", "visual.1.bias", "visual.1.weight"]
-        ),
+        "image_decay": ["visual.0.weight"],
+        "image_no_decay": ["visual.0.bias", "visual.1.bias", "visual.1.weight"],
+        "text_no_decay": ["text.1.bias", "text.1.weight"],
     }
-    assert groups["tower_decay"]["weight_decay"] == 0.2 and groups["head_no_decay"]["weight_decay"] == 0.0
-    assert groups["tower_decay"]["lr"] == pytest.approx(0.1) and groups["head_decay"]["lr"] == 1.0
+    assert groups["image_decay"]["weight_decay"] == 0.2 and groups["head_no_decay"]["weight_decay"] == 0.0
+    assert groups["image_decay"]["lr"] == pytest.approx(0.1) and groups["head_decay"]["lr"] == 1.0
+    assert groups["text_no_decay"]["lr"] == pytest.approx(0.1)
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -55,4 +55,41 @@ def test_scheduler_drives_every_group_by_the_same_factor():
     factor = lr_factor(6, 10, cfg)
     assert factor == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    assert lrs["head_decay"] == pytest.approx(factor) and lrs["tower_decay"] == pytest.approx(0.5 * factor)
+    assert lrs["head_decay"] == pytest.approx(factor) and lrs["image_decay"] == pytest.approx(0.5 * factor)
+
+
+def test_per_tower_multipliers_and_layer_wise_decay_on_a_real_model():
+    from clip_train.config import load_config
+    from clip_train.models.clip import ClipModel
+    from clip_train.optim import layer_depths, trainable_summary
+
+    cfg = load_config(["configs/tiny.yaml"], ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"])
+    model = ClipModel(cfg.model)
+    optim = OptimConfig(lr=1.0, image_lr_mult=0.1, text_lr_mult=0.5, layer_decay=0.5)
+    lr_of = {}
+    for group in param_groups(model, optim):
+        for p in group["params"]:
+            lr_of[id(p)] = group["lr"]
+    params = dict(model.named_parameters())
+    depths = layer_depths(model)
+    # the tiny BERT: embeddings 0, layers 1-2, top 3 (nothing after the stack: its pooler is dropped)
+    assert depths["text.transformer.embeddings.word_embeddings.weight"] == (0, 3)
+    assert depths["text.transformer.encoder.layer.1.output.dense.weight"] == (2, 3)
+    assert lr_of[id(params["text.transformer.encoder.layer.1.output.dense.weight"])] == pytest.approx(
+        0.5 * 0.5
+    )
+    assert lr_of[id(params["text.transformer.embeddings.word_embeddings.weight"])] == pytest.approx(
+        0.5 * 0.5**3
+    )
+    image_names = [n for n in params if n.startswith("visual.")]
+    first, last = image_names[0], image_names[-1]  # the stem, the head
+    top = depths[last][1]
+    assert depths[first][0] == 0 and depths[last][0] == top > 0
+    assert lr_of[id(params[last])] == pytest.approx(0.1)
+    assert lr_of[id(params[first])] == pytest.approx(0.1 * 0.5**top)
+    assert lr_of[id(params["image_proj.weight"])] == 1.0 and lr_of[id(params["logit_scale"])] == 1.0
+    assert len(lr_of) == len(params)  # every trainable parameter is in exactly one group
+
+    model.text.lock(unlocked_layers=1)
+    summary = trainable_summary(model)
+    assert summary.startswith("image ") and "text 0.0" in summary and summary.endswith(" trainable")
