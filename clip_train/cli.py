@@ -1,4 +1,5 @@
-"""Console entry points: clip-train, clip-eval, clip-data (also `python -m clip_train train|eval|data`).
+"""Console entry points: clip-train, clip-eval, clip-data, clip-export (also `python -m clip_train
+train|eval|data|export`).
 
 Errors a user can cause (config typos, missing files, incompatible resumes) end in one line on
 stderr, `<prog>: error: <what> : <fix>`, and exit code 2, without a traceback.
@@ -209,18 +210,55 @@ def resolve_model_dir(target: Path):
     return model_dir, run_cfg
 
 
+EXPORT_EPILOG = """examples:
+  clip-export runs/demo --to openclip --out exports/demo-openclip
+  clip-export runs/demo/checkpoints/step-300 --to hf --out exports/demo-hf
+A model the target cannot reproduce exactly is refused, and nothing is written; see
+clip_train/export.py for how to load each export and what can be exported.
+"""
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="clip-export",
+        description="Write a saved model for OpenCLIP or as a Hugging Face VisionTextDualEncoderModel.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "source", help="model folder (config.json + model.safetensors), checkpoint or run dir"
+    )
+    parser.add_argument("--to", required=True, choices=["openclip", "hf"], help="the library to load it with")
+    parser.add_argument(
+        "--out", required=True, help="new folder for the export (must not exist, or be empty)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        from clip_train.export import export_model
+
+        model_dir, _ = resolve_model_dir(Path(args.source))
+        result = export_model(model_dir, args.to, Path(args.out))
+    except _user_errors() as e:  # the export's refusals are ConfigErrors
+        return _fail("clip-export", e)
+    diffs = ", ".join(f"{kind} {diff:.1e}" for kind, diff in result.max_diff.items())
+    print(f"exported {model_dir} to {result.folder} ({args.to}); max embedding difference: {diffs}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def data_main(argv: list[str] | None = None) -> int:
     from clip_train.data.build import main
 
     return main(argv)
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "data": data_main}
+COMMANDS = {"train": train_main, "eval": eval_main, "data": data_main, "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m clip_train {train,eval,data} ...", file=sys.stderr)
+        print(f"usage: python -m clip_train {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])

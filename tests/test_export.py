@@ -1,0 +1,213 @@
+"""clip-export: OpenCLIP and Hugging Face exports give clip_train's embeddings, or are refused."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip_train.cli import export_main, main
+from clip_train.config import load_config
+from clip_train.export import ExportError, export_model
+from clip_train.models.clip import ClipModel, load_tokenizer
+from clip_train.models.towers import build_image_transforms, build_tokenizer
+
+TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
+# A CLIP text transformer (causal, final LayerNorm, pooler_output at the eos token) on the tiny vocab.
+CLIP_TEXT = (
+    'model.text.hf_config={"model_type": "clip_text_model", "hidden_size": 32, "num_hidden_layers": 2, '
+    '"num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}'
+)
+CAPTIONS = [
+    "a red circle",
+    "Two blue squares on a wooden table, seen from above in bright morning light, with long shadows",
+    "x",
+    "an emoji: a smiling face!",
+]
+ATOL = 1e-5
+
+
+def _saved_model(tmp_path, *overrides):
+    """A tiny model with every weight and BatchNorm statistic moved off its initial value, saved."""
+    cfg = load_config(["configs/tiny.yaml"], TINY + list(overrides))
+    torch.manual_seed(0)
+    model = ClipModel(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for b in model.buffers():
+            if b.is_floating_point():  # running means and variances stay positive
+                b.mul_(1 + 0.2 * torch.rand_like(b)).add_(0.05 * torch.rand_like(b))
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, build_tokenizer(cfg.model.text))
+    return folder
+
+
+def _reference(folder):
+    """clip_train's own model, tokenizer and evaluation transform, read back from the saved folder."""
+    model = ClipModel.from_pretrained(folder).eval()
+    _, eval_transform = build_image_transforms(model.visual, model.cfg.image)
+    return model, load_tokenizer(folder), eval_transform
+
+
+def _inputs(size):
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    rng = np.random.default_rng(2)
+    pil = Image.fromarray(rng.integers(0, 256, (size + 23, size + 9, 3), dtype=np.uint8))  # not square
+    return images, pil
+
+
+def _assert_close(got, want, what):
+    diff = (got - want).abs().max().item()
+    assert diff <= ATOL, f"{what} differ by {diff:.2g}"
+
+
+def _nothing_written(out):
+    assert not out.exists()
+    if out.parent.exists():  # no temporary folder left behind either
+        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # EfficientNet + BERT with mean pooling, InfoNCE
+        [
+            "model.image.name=test_vit",
+            "model.image.image_size=160",
+            "model.text.pooling=cls",
+            "loss.kind=siglip",
+        ],  # a ViT at timm's own size (OpenCLIP cannot size it), cls pooling, SigLIP's logit bias
+    ],
+    ids=["efficientnet-mean", "vit-cls-siglip"],
+)
+def test_openclip_export_gives_clip_train_embeddings(tmp_path, monkeypatch, overrides):
+    open_clip = pytest.importorskip("open_clip")
+    folder = _saved_model(tmp_path, *overrides)
+    result = export_model(folder, "openclip", tmp_path / "exports" / "oc")
+    assert result.folder == tmp_path / "exports" / "oc" and max(result.max_diff.values()) <= ATOL
+
+    monkeypatch.chdir(tmp_path / "exports")  # the text tower is found from any working directory
+    name = f"local-dir:{result.folder}"
+    oc_model, _, preprocess = open_clip.create_model_and_transforms(name)
+    oc_tokenizer = open_clip.get_tokenizer(name)
+    oc_model.eval()
+    model, tokenizer, eval_transform = _reference(folder)
+    images, pil = _inputs(model.cfg.image.image_size)
+    assert torch.equal(oc_tokenizer(CAPTIONS), tokenizer(CAPTIONS))
+    assert torch.allclose(preprocess(pil), eval_transform(pil), atol=1e-6)
+    with torch.no_grad():
+        ids = tokenizer(CAPTIONS)
+        _assert_close(oc_model.encode_image(images, normalize=True), model.encode_image(images), "image emb")
+        _assert_close(oc_model.encode_text(ids, normalize=True), model.encode_text(ids), "text emb")
+    assert torch.equal(oc_model.logit_scale, model.logit_scale)
+    if model.logit_bias is None:
+        assert oc_model.logit_bias is None
+    else:
+        assert torch.equal(oc_model.logit_bias, model.logit_bias)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [CLIP_TEXT, "model.text.pooling=eos"],
+        # a ViT away from its default size (TimmWrapper passes img_size) and SigLIP's bias, which HF lacks
+        [CLIP_TEXT, "model.text.pooling=eos", "model.image.name=test_vit", "loss.kind=siglip"],
+    ],
+    ids=["efficientnet-cliptext", "vit64-cliptext-siglip"],
+)
+def test_hf_export_gives_clip_train_embeddings(tmp_path, overrides):
+    pytest.importorskip("transformers.models.timm_wrapper")
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel
+
+    folder = _saved_model(tmp_path, *overrides)
+    result = export_model(folder, "hf", tmp_path / "hf")
+    assert max(result.max_diff.values()) <= ATOL
+    assert bool(result.notes) == ("loss.kind=siglip" in overrides)  # the missing logit bias is told
+
+    hf_model = VisionTextDualEncoderModel.from_pretrained(result.folder).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(result.folder)
+    processor = AutoImageProcessor.from_pretrained(str(result.folder / "preprocessor_config.json"))
+    model, tokenizer, eval_transform = _reference(folder)
+    images, pil = _inputs(model.cfg.image.image_size)
+    tokens = hf_tokenizer(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(tokens["input_ids"], tokenizer(CAPTIONS))
+    assert torch.allclose(processor(pil)["pixel_values"][0], eval_transform(pil), atol=1e-6)
+    with torch.no_grad():
+        image_emb = F.normalize(hf_model.get_image_features(pixel_values=images).pooler_output, dim=-1)
+        text_emb = F.normalize(hf_model.get_text_features(**tokens).pooler_output, dim=-1)
+        _assert_close(image_emb, model.encode_image(images), "image embeddings")
+        _assert_close(text_emb, model.encode_text(tokenizer(CAPTIONS)), "text embeddings")
+        # the model's own forward (normalised embeddings, scaled cosine logits) agrees too
+        out = hf_model(pixel_values=images, **tokens)
+        _assert_close(out.logits_per_image, model.logit_scale.exp() * image_emb @ text_emb.T, "logits")
+    assert torch.equal(hf_model.logit_scale, model.logit_scale)
+
+
+@pytest.mark.parametrize(
+    ("to", "overrides", "message"),
+    [
+        (
+            "openclip",
+            ["model.text.pooling=eos"],
+            "reproduce model.text.pooling=eos: OpenCLIP's HFTextEncoder",
+        ),
+        (
+            "openclip",
+            ["model.image.name=test_vit"],
+            "test_vit at model.image.image_size=64: OpenCLIP's TimmModel",
+        ),
+        ("openclip", [CLIP_TEXT], "cannot load a clip_text_model text model"),
+        ("hf", [], "cannot reproduce model.text.pooling=mean: .* for bert is tanh"),
+        ("hf", ["model.text.pooling=cls"], "cannot reproduce model.text.pooling=cls: .* for bert is tanh"),
+        ("hf", [CLIP_TEXT], "pooling=mean: .* for clip_text_model is the hidden state at the first eos"),
+    ],
+)
+def test_what_the_target_cannot_reproduce_is_refused_in_one_line(tmp_path, capsys, to, overrides, message):
+    pytest.importorskip("open_clip" if to == "openclip" else "transformers.models.timm_wrapper")
+    folder = _saved_model(tmp_path, *overrides)
+    out = tmp_path / "exports" / "x"
+    capsys.readouterr()
+    assert export_main([str(folder), "--to", to, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("clip-export: error: --to ")
+    assert re.search(message, err), err
+    _nothing_written(out)
+
+
+def test_cli_exports_a_checkpoint_and_never_overwrites(tmp_path, capsys):
+    pytest.importorskip("open_clip")
+    # a checkpoint folder as the trainer writes it: <run>/checkpoints/step-N/model/
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-8"
+    _saved_model(tmp_path).rename(checkpoint.mkdir(parents=True) or checkpoint / "model")
+    out = tmp_path / "oc"
+    assert main(["export", str(checkpoint), "--to", "openclip", "--out", str(out)]) == 0
+    assert "max embedding difference: image" in capsys.readouterr().out
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["hf_model_name"] == str(out)  # absolute: found from anywhere
+    assert export_main([str(checkpoint), "--to", "hf", "--out", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "missing"), "--to", "hf", "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_export_that_does_not_reproduce_the_model_is_not_written(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")
+    import clip_train.export as export
+
+    right = export.openclip_state_dict
+
+    def wrong(model):  # a mapping bug: the text projection loses a row
+        state = right(model)
+        state["text.proj.weight"] = state["text.proj.weight"].clone()  # not the model's own weight
+        state["text.proj.weight"][0] = 0
+        return state
+
+    monkeypatch.setattr(export, "openclip_state_dict", wrong)
+    out = tmp_path / "oc"
+    with pytest.raises(ExportError, match="OpenCLIP export's text embeddings differ from clip_train's"):
+        export_model(_saved_model(tmp_path), "openclip", out)
+    _nothing_written(out)
