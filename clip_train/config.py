@@ -73,6 +73,11 @@ class ModelConfig:
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     max_logit_scale: float = math.log(100)
+    # Start from a saved clip_train model: a model folder (config.json + model.safetensors, e.g. one
+    # written by clip-train, clip-export's sources or the OpenCLIP importer), a checkpoint or a run
+    # directory. Its architecture and weights replace the ones above; what trains (image.lock,
+    # unlocked_groups, freeze_bn_stats, text.lock, unlocked_layers) still comes from this config.
+    init_from: str = ""
 
 
 @dataclass
@@ -212,6 +217,17 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # WiSE-FT: after training, evaluate the weight-space interpolations (1 - a) * start + a * end
+    # for each a (0 = the starting model, 1 = the fine-tuned one), e.g. [0, 0.25, 0.5, 0.75, 1].
+    wise_alphas: list[float] = field(default_factory=list)
+    # The two metrics of the table's trade-off plot, as in results.json (e.g. "domain/acc1" and
+    # "fashion-mnist/acc1"); empty = the first two zero-shot tasks' top-1.
+    domain_metric: str = ""
+    reference_metric: str = ""
+
+
+@dataclass
 class LogConfig:
     wandb: bool = False  # also on when WANDB_MODE is set in the environment
     wandb_project: str = "clip_train"
@@ -225,6 +241,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)

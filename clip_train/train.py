@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from clip_train import checkpoint
 from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
@@ -43,8 +44,9 @@ from clip_train.data.pipeline import (
     in_worker_order,
 )
 from clip_train.evaluate.runner import run_evaluation
+from clip_train.finetune import default_metrics, format_wise_table, wise_ft_sweep, write_wise
 from clip_train.loss.contrastive import ContrastiveLoss
-from clip_train.models.clip import ClipModel
+from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
 from clip_train.models.towers import build_image_transforms, build_tokenizer
 from clip_train.optim import build_optimizer, build_scheduler, trainable_summary
 from clip_train.tracking import MetricsLogger
@@ -233,7 +235,13 @@ def main(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------- model, loss, optimizer
     set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    init_folder = None
+    if cfg.model.init_from:  # fine-tuning a saved model: its architecture, this run's locks
+        init_folder = find_model_folder(cfg.model.init_from)
+        cfg.model = config_from_saved(init_folder, cfg.model)
     model = ClipModel(cfg.model)
+    if init_folder is not None:
+        load_saved_weights(model, init_folder)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(cfg.model.text)
@@ -284,6 +292,14 @@ def main(cfg: RunConfig) -> dict:
 
     def export_model(folder: Path) -> None:
         unwrapped.save_pretrained(folder, tokenizer)
+
+    # WiSE-FT interpolates towards the weights training started from: a saved model when fine-tuning
+    # one (init_from), else the model as built at step 0, saved once so a resumed run has it too.
+    start_model_dir = init_folder or run_dir / "start_model"
+    if cfg.finetune.wise_alphas and init_folder is None and resume_from is None:
+        if accelerator.is_main_process:
+            export_model(start_model_dir)
+        accelerator.wait_for_everyone()
 
     def evaluate(step: int) -> dict:
         # Every rank encodes its share of the evaluation data and gets the same metrics; the main
@@ -519,15 +535,53 @@ def main(cfg: RunConfig) -> dict:
     if last_eval_step != state.step and (cfg.eval.zeroshot or cfg.data.val_shards):
         # resumed from the final checkpoint of a run killed before its final evaluation
         eval_metrics = evaluate(state.step)
+    wise = None
+    if cfg.finetune.wise_alphas:
+        wise = run_wise_ft(unwrapped, start_model_dir, cfg, tokenizer, eval_transform, accelerator, run_dir)
     if accelerator.is_main_process:
         export_model(run_dir / "model")
         summary = {"step": state.step, "samples_seen": state.samples_seen, **eval_metrics}
+        if wise is not None:
+            summary["wise"] = wise
         results_path.write_text(json.dumps(summary, indent=1))
         logger.log("summary", state.step, summary, console=False)
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return eval_metrics
+
+
+def run_wise_ft(model, start_dir: Path, cfg: RunConfig, tokenizer, transform, accelerator, run_dir: Path):
+    """Evaluate (1 - a) * start + a * end for each a of finetune.wise_alphas; print the table,
+    write eval/wise/wise.json and wise.png; return {"domain_metric", "reference_metric", "rows"}."""
+    if not (cfg.eval.zeroshot or cfg.data.val_shards):
+        raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
+    start_state = load_file(str(Path(start_dir) / "model.safetensors"))
+    out = run_dir / "eval" / "wise"
+
+    def evaluate_at(alpha: float) -> dict:
+        name = f"alpha-{alpha:g}"
+        return run_evaluation(
+            model, tokenizer, transform, cfg.eval, cfg.data.val_shards, accelerator.device,
+            cfg.train.precision, out_dir=out / name, model_name=f"{run_dir.name}-wise-{name}",
+        )  # fmt: skip
+
+    rows = wise_ft_sweep(model, start_state, cfg.finetune.wise_alphas, evaluate_at)
+    domain, reference = default_metrics(rows)
+    domain = cfg.finetune.domain_metric or domain
+    reference = cfg.finetune.reference_metric or reference
+    for metric in (domain, reference):
+        if metric not in rows[0]:
+            choices = ", ".join(k for k in rows[0] if k != "alpha")
+            raise ConfigError(
+                f"finetune metric {metric!r} is not among the evaluation's metrics: choose from {choices}"
+            )
+    if accelerator.is_main_process:
+        write_wise(rows, out, domain, reference, plot=cfg.eval.plots)
+        accelerator.print(
+            f"WiSE-FT (alpha 0 = start, 1 = fine-tuned):\n{format_wise_table(rows, domain, reference)}"
+        )
+    return {"domain_metric": domain, "reference_metric": reference, "rows": rows}
 
 
 def format_results(metrics: dict) -> str:

@@ -8,7 +8,7 @@ LAYERS = [
     {"config"},
     {"distributed"},
     {"models", "loss", "accumulation", "data", "optim", "checkpoint", "tracking"},
-    {"evaluate", "export"},
+    {"evaluate", "export", "finetune"},
     {"train"},
     {"cli"},
     {"__main__"},

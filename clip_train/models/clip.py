@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig, build_dataclass
+from clip_train.models.pretrained import WeightsMismatchError
 from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer, image_normalization
 
 CONFIG_NAME = "config.json"
@@ -115,7 +116,7 @@ class ClipModel(nn.Module):
             tokenizer=TOKENIZER_DIR,
             lock=False,
         )
-        return dataclasses.replace(self.cfg, image=image, text=text)
+        return dataclasses.replace(self.cfg, image=image, text=text, init_from="")
 
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
         folder = Path(folder)
@@ -156,3 +157,57 @@ def load_model_config(folder: str | Path) -> ModelConfig:
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved beside a model by save_pretrained."""
     return build_tokenizer(load_model_config(folder).text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting a run from a saved model (model.init_from)
+
+
+def find_model_folder(path: str | Path) -> Path:
+    """The model folder inside what a user may point at: a model folder, a checkpoint (its model/)
+    or a run directory (its model/, else its newest checkpoint's)."""
+    path = Path(path)
+    candidates = [path, path / "model"]
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        candidates.append(path / "checkpoints" / latest.read_text().strip() / "model")
+    for folder in candidates:
+        if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"model.init_from={path} holds no saved model ({CONFIG_NAME} + {WEIGHTS_NAME}): pass a model "
+        "folder, a checkpoint or a run directory"
+    )
+
+
+def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig:
+    """The saved model's architecture, with what trains (locks, unlocked layers, frozen BatchNorm
+    statistics, the logit-scale cap, the memory layout) taken from `trainable`, the run's config."""
+    saved = load_model_config(folder)
+    image = dataclasses.replace(
+        saved.image,
+        lock=trainable.image.lock,
+        unlocked_groups=trainable.image.unlocked_groups,
+        freeze_bn_stats=trainable.image.freeze_bn_stats,
+        channels_last=trainable.image.channels_last,
+    )
+    text = dataclasses.replace(
+        saved.text, lock=trainable.text.lock, unlocked_layers=trainable.text.unlocked_layers
+    )
+    return dataclasses.replace(
+        saved, image=image, text=text, max_logit_scale=trainable.max_logit_scale, init_from=str(folder)
+    )
+
+
+def load_saved_weights(model: ClipModel, folder: str | Path) -> None:
+    """Load a saved model's weights into a model of the same architecture (some of whose BatchNorm
+    layers may be frozen, which keep no num_batches_tracked counter)."""
+    state = load_file(str(Path(folder) / WEIGHTS_NAME))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise WeightsMismatchError(
+            f"{folder}/{WEIGHTS_NAME} does not fit its own config ({len(missing)} missing, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): re-save the model"
+        )

@@ -1,0 +1,83 @@
+"""Fine-tuning: starting from a saved model, what trains, WiSE-FT interpolation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from clip_train.finetune import default_metrics, interpolate_state, wise_ft_sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_interpolation_is_exact_at_the_endpoints_and_linear_between():
+    start = {"w": torch.randn(3, 4), "steps": torch.tensor(5)}
+    end = {"w": torch.randn(3, 4), "steps": torch.tensor(9)}
+    assert torch.equal(interpolate_state(start, end, 0.0)["w"], start["w"])
+    assert torch.equal(interpolate_state(start, end, 1.0)["w"], end["w"])
+    assert torch.allclose(interpolate_state(start, end, 0.25)["w"], 0.75 * start["w"] + 0.25 * end["w"])
+    assert interpolate_state(start, end, 0.5)["steps"] == 9  # counters are not blended
+    with pytest.raises(ValueError, match="shape"):
+        interpolate_state({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, 0.5)
+
+
+def test_the_sweep_evaluates_each_alpha_and_puts_the_fine_tuned_weights_back():
+    model = nn.Linear(2, 1, bias=False)
+    start = {"weight": torch.zeros(1, 2)}
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    rows = wise_ft_sweep(model, start, [0, 0.5, 1], lambda a: {"w/acc1": model.weight.sum().item(), "x": a})
+    assert [r["w/acc1"] for r in rows] == [0.0, 2.0, 4.0]
+    assert torch.equal(model.weight, torch.full((1, 2), 2.0))
+    assert default_metrics(rows) == ("w/acc1", "x")
+
+
+def _train(*args):
+    cmd = [sys.executable, "-m", "clip_train", "train", "configs/tiny.yaml", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_saved_model_with_a_locked_image_tower_and_wise_ft(tmp_path, tiny_data):
+    shards = tiny_data["shards"]
+    data = [f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-000000.tar"]
+    evaluation = f"eval.zeroshot=[{{dataset: {tiny_data['classes']}}}]"
+    base = _train(f"run_dir={tmp_path / 'base'}", *data, evaluation, "eval.plots=false")
+    assert base.returncode == 0, base.stderr[-2000:]
+
+    tuned = _train(
+        f"run_dir={tmp_path / 'tuned'}", *data, evaluation,
+        f"model.init_from={tmp_path / 'base'}",  # a run directory: its model/ is used
+        "model.embed_dim=999",  # ignored: the architecture is the saved model's
+        "model.image.lock=true", "optim.text_lr_mult=0.5", "train.steps=4",
+        "finetune.wise_alphas=[0, 0.5, 1]", "finetune.reference_metric=retrieval/text_retrieval_recall@1",
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert "trainable: image 0.00M/" in tuned.stdout  # the log states what trains
+    assert "WiSE-FT" in tuned.stdout
+
+    start = load_file(str(tmp_path / "base" / "model" / "model.safetensors"))
+    end = load_file(str(tmp_path / "tuned" / "model" / "model.safetensors"))
+    assert end.keys() <= start.keys()
+    for key, value in end.items():
+        if key.startswith("visual.") and value.is_floating_point():
+            assert torch.equal(value, start[key]), key  # locked: not one step moved it
+    moved = [k for k in end if k.startswith(("text.", "text_proj.")) and not torch.equal(end[k], start[k])]
+    assert len(moved) > 10  # unlocked: trained
+
+    results = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    base_results = json.loads((tmp_path / "base" / "results.json").read_text())
+    rows = {row["alpha"]: row for row in results["wise"]["rows"]}
+    assert results["wise"]["domain_metric"] == "shapes/acc1"
+    for key in ("shapes/acc1", "retrieval/text_retrieval_recall@1", "retrieval/image_retrieval_recall@5"):
+        assert rows[0][key] == pytest.approx(base_results[key], abs=1e-6)  # alpha 0: the start model
+        assert rows[1][key] == pytest.approx(results[key], abs=1e-6)  # alpha 1: the fine-tuned one
+    assert (tmp_path / "tuned" / "eval" / "wise" / "wise.png").is_file()
+
+    missing = _train(f"run_dir={tmp_path / 'bad'}", *data, f"model.init_from={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and "holds no saved model" in missing.stderr.strip().splitlines()[-1]
