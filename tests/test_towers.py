@@ -154,6 +154,41 @@ def test_image_weights_roundtrip_and_mismatch(tmp_path):
     assert "test_resnet" in str(err.value) and "\n" not in str(err.value)
 
 
+def rename_for_test(state, model):  # a user's own remap hook, imported by weights_remap=python:...
+    return {k.removeprefix("backbone."): v for k, v in state.items()}
+
+
+def test_image_weights_with_a_key_remap_hook(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = build_image_tower(_image_cfg()).eval()
+    wrapped = {f"visual.trunk.{k}": v.contiguous() for k, v in source.state_dict().items()}
+    wrapped["text.embedding.weight"] = torch.zeros(2, 2)  # another tower's weights in the same file
+    save_file(wrapped, str(tmp_path / "clip.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    stripped = build_image_tower(
+        _image_cfg(pretrained=str(tmp_path / "clip.safetensors"), weights_remap="strip:visual.trunk.")
+    ).eval()
+    save_file(
+        {f"backbone.{k}": v.contiguous() for k, v in source.state_dict().items()},
+        str(tmp_path / "b.safetensors"),
+    )
+    hooked = build_image_tower(
+        _image_cfg(
+            pretrained=str(tmp_path / "b.safetensors"), weights_remap="python:test_towers:rename_for_test"
+        )
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(stripped(x), source(x)) and torch.equal(hooked(x), source(x))
+    with pytest.raises(WeightsMismatchError, match="no key starts with 'vision.'"):
+        build_image_tower(
+            _image_cfg(pretrained=str(tmp_path / "clip.safetensors"), weights_remap="strip:vision.")
+        )
+    with pytest.raises(WeightsMismatchError, match="not understood"):
+        build_image_tower(_image_cfg(pretrained=str(tmp_path / "clip.safetensors"), weights_remap="rename"))
+
+
 def test_package_weights_need_the_matching_timm_model():
     with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
         build_image_tower(_image_cfg(name="efficientnet_lite0", pretrained="package:efficientnet-lite0"))

@@ -428,13 +428,16 @@ def _manifest_format(path: Path, sep: str) -> str:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
-    if suffix in (".tsv", ".tab"):
-        return "\t"
-    if suffix == ".csv":
-        return ","
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline()
-    return "jsonl" if first.lstrip().startswith("{") else ("\t" if "\t" in first else ",")
+        header = f.readline()
+    if header.lstrip().startswith("{"):
+        return "jsonl"
+    # The header decides: the separator that splits it into the most columns (a ".csv" written by a
+    # spreadsheet in many locales uses ";"), the extension's own on a tie.
+    preferred = "\t" if suffix in (".tsv", ".tab") else ","
+    counts = {sep: header.count(sep) for sep in (preferred, ",", "\t", ";", "|")}
+    best = max(counts, key=lambda sep: counts[sep])  # first maximum: the preferred one on a tie
+    return best if counts[best] > 0 else preferred
 
 
 def _manifest_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
@@ -482,10 +485,12 @@ def manifest_records(
         raise DataError(f"cannot read manifest {path} ({e}): it must be UTF-8 CSV, TSV or JSONL") from None
     for flag, column in (("--image-col", image_col), ("--caption-col", caption_col)):
         if column not in columns:
-            shown = ", ".join(columns[:12]) or "none"
-            raise DataError(
-                f"manifest {path} has no column {column!r} (columns: {shown}); pass {flag} with one of them"
-            )
+            shown = ", ".join(repr(c) for c in columns[:12]) or "none"
+            sep_name = {"\t": "tab", ",": "comma", "jsonl": "jsonl"}.get(fmt, repr(fmt))
+            hint = f"pass {flag} with one of them"
+            if fmt != "jsonl" and len(columns) == 1:
+                hint = f"read with separator {sep_name} that is one column: pass --sep (tab, comma, ';', '|')"
+            raise DataError(f"manifest {path} has no column {column!r} (columns found: {shown}); {hint}")
     base = path.parent
 
     def generate() -> Iterator[Record]:

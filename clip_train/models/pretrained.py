@@ -240,15 +240,40 @@ def _examples(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def load_image_weights(model: nn.Module, path: str | Path) -> None:
+def remap_keys(state: dict[str, torch.Tensor], spec: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Apply a model.image.weights_remap spec: "strip:PREFIX" or "python:package.module:function"."""
+    kind, _, arg = spec.partition(":")
+    if kind == "strip" and arg:
+        if not any(k.startswith(arg) for k in state):
+            raise WeightsMismatchError(
+                f"weights_remap {spec}: no key starts with {arg!r} (e.g. {_examples(state)})"
+            )
+        # keys outside the prefix (another tower, a text model) are not the image tower's
+        return {k.removeprefix(arg): v for k, v in state.items() if k.startswith(arg)}
+    if kind == "python" and ":" in arg:
+        module_name, _, function_name = arg.rpartition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as e:
+            raise WeightsMismatchError(f"weights_remap {spec}: cannot import it ({e})") from None
+        return dict(function(dict(state), model))
+    raise WeightsMismatchError(
+        f"model.image.weights_remap={spec!r} is not understood: use strip:PREFIX or python:module:function"
+    )
+
+
+def load_image_weights(model: nn.Module, path: str | Path, remap: str = "") -> None:
     """Load a .pth/.safetensors state dict into a timm model, strictly.
 
     Every tensor of the model must be filled and every tensor of the file used, except the classifier
     of a file trained for classification when the tower has none (num_classes=0). lukemelas-style
-    EfficientNet(-Lite) files are renamed to timm's naming first.
+    EfficientNet(-Lite) files are renamed to timm's naming first; `remap` (see remap_keys) renames
+    the keys of any other layout.
     """
     path = Path(path)
     state = read_state_dict(path)
+    if remap:
+        state = remap_keys(state, remap, model)
     if is_lukemelas_efficientnet(state):
         blocks = getattr(model, "blocks", None)
         if blocks is None:

@@ -58,7 +58,7 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
         kwargs["img_size"] = cfg.image_size
     model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
     if cfg.pretrained:
-        load_image_weights(model, resolve_image_weights(cfg.pretrained))
+        load_image_weights(model, resolve_image_weights(cfg.pretrained), cfg.weights_remap)
     if cfg.lock:
         model = lock_image_tower(model, cfg.unlocked_groups, cfg.freeze_bn_stats)
     return model
