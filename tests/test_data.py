@@ -254,15 +254,24 @@ def test_manifest_separator_is_detected_and_a_wrong_one_names_the_columns_found(
         if not want["transparent_corner"]
     ]
     manifest = src / "spreadsheet.csv"  # a ".csv" with ";" as many spreadsheets write it
-    manifest.write_text("file;text\n" + "".join(f"{f};{t}\n" for f, t in rows))
-    stats = write_manifest(manifest, tmp_path / "m", image_col="file", caption_col="text", num_procs=1)
+    manifest.write_text("file;text;kind\n" + "".join(f"{f};{t};kind {len(t) % 2}\n" for f, t in rows))
+    stats = write_manifest(
+        manifest, tmp_path / "m", image_col="file", caption_col="text", category_col="kind", num_procs=1
+    )
     assert stats["total"]["train"] + stats["total"]["val"] > 0
+    stored = [
+        json.loads(sample["json"])["category"]
+        for sample in wds.WebDataset(
+            sorted(str(p) for p in (tmp_path / "m").glob("*.tar")), shardshuffle=False
+        )
+    ]
+    assert set(stored) <= {"kind 0", "kind 1"} and len(stored) == len(rows)  # the class column
     with pytest.raises(DataError) as err:
         write_manifest(
             manifest, tmp_path / "m2", image_col="file", caption_col="text", sep="tab", num_procs=1
         )
     message = str(err.value)
-    assert "columns found: 'file;text'" in message and "pass --sep" in message and "\n" not in message
+    assert "columns found: 'file;text;kind'" in message and "pass --sep" in message and "\n" not in message
     assert not (tmp_path / "m2").exists()
 
 

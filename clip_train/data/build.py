@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("--image-col", required=True, help="column with the image path")
     manifest.add_argument("--caption-col", required=True, help="column with the caption")
     manifest.add_argument(
+        "--category-col", default="", help="optional column stored as the sample's json category (a class)"
+    )
+    manifest.add_argument(
         "--sep", default="auto", help="auto (by extension), tab, comma, jsonl or a character"
     )
 
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 image_col=args.image_col,
                 caption_col=args.caption_col,
                 sep=args.sep,
+                category_col=args.category_col,
                 **settings,
             )
     except (DataError, OSError) as e:  # OSError: an --out folder we may not write to, a full disk

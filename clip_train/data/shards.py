@@ -413,8 +413,12 @@ def write_manifest(
     image_col: str,
     caption_col: str,
     sep: str = "auto",
+    category_col: str = "",
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Shards from a CSV, TSV or JSONL manifest (image paths relative to the manifest's folder)."""
-    records = manifest_records(path, image_col=image_col, caption_col=caption_col, sep=sep)
+    """Shards from a CSV, TSV or JSONL manifest (image paths relative to the manifest's folder);
+    `category_col` fills each sample's json category (a class for zero-shot evaluation)."""
+    records = manifest_records(
+        path, image_col=image_col, caption_col=caption_col, sep=sep, category_col=category_col
+    )
     return write_shards(records, out_dir, **kwargs)

@@ -470,7 +470,13 @@ def _manifest_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[tuple[int,
 
 
 def manifest_records(
-    path: str | Path, *, image_col: str, caption_col: str, sep: str = "auto", source: str = "manifest"
+    path: str | Path,
+    *,
+    image_col: str,
+    caption_col: str,
+    sep: str = "auto",
+    source: str = "manifest",
+    category_col: str = "",
 ) -> Iterator[Record]:
     """Rows of a CSV, TSV or JSONL manifest: `image_col` holds an image path (relative to the
     manifest's folder unless absolute), `caption_col` the caption. `sep="auto"` picks the format
@@ -483,8 +489,9 @@ def manifest_records(
         columns, rows = _manifest_rows(path, fmt)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read manifest {path} ({e}): it must be UTF-8 CSV, TSV or JSONL") from None
-    for flag, column in (("--image-col", image_col), ("--caption-col", caption_col)):
-        if column not in columns:
+    wanted = [("--image-col", image_col), ("--caption-col", caption_col), ("--category-col", category_col)]
+    for flag, column in wanted:
+        if column and column not in columns:
             shown = ", ".join(repr(c) for c in columns[:12]) or "none"
             sep_name = {"\t": "tab", ",": "comma", "jsonl": "jsonl"}.get(fmt, repr(fmt))
             hint = f"pass {flag} with one of them"
@@ -500,7 +507,8 @@ def manifest_records(
                 caption = row.get(caption_col)
                 caption = None if caption is None else _clean(str(caption))
                 image_path = Path(image) if Path(image).is_absolute() else base / image
-                meta = {"category": "", "path": str(image_path), "line": line_no}
+                category = _clean(str(row.get(category_col) or "")) if category_col else ""
+                meta = {"category": category, "path": str(image_path), "line": line_no}
                 key = Path(image).with_suffix("").as_posix() if Path(image).name else f"line{line_no}"
                 yield Record(source, key, str(image_path), caption, meta)
         except csv.Error as e:  # the CSV rows are parsed lazily
