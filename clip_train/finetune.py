@@ -1,7 +1,10 @@
-"""WiSE-FT: weight-space interpolation between a starting model and its fine-tuned version.
+"""Fine-tuning helpers: WiSE-FT weight-space interpolation, the before/after table, the demo domain.
 
     rows = wise_ft_sweep(model, start_state, [0, 0.25, 0.5, 0.75, 1], evaluate)
-    print(format_wise_table(rows, "tuxpaint-domain/acc1", "fashion-mnist/acc1"))
+    print(format_wise_table(rows, "domain/acc1", "fashion-mnist/acc1"))
+
+    python -m clip_train.finetune runs/finetune-domain          # the before/after table of a run
+    python -m clip_train.finetune demo-manifest --categories animals,food --out domain.csv
 
 Fine-tuning on a narrow domain raises accuracy there and erodes the zero-shot ability the starting
 model had elsewhere. Averaging the two models' weights, (1 - alpha) * start + alpha * fine-tuned,
@@ -13,12 +16,19 @@ fine-tuned one.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from clip_train.data.sources import tuxpaint_records
+from clip_train.evaluate.datasets import tuxpaint_category
+from clip_train.evaluate.prompts import CLASSNAMES_DIR, load_class_map
 
 
 def interpolate_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict:
@@ -111,3 +121,70 @@ def write_wise(rows: list[dict], out_dir: str | Path, domain: str, reference: st
         fig.savefig(out_dir / "wise.png", dpi=100)
         plt.close(fig)
     return path
+
+
+def format_before_after(wise: dict) -> str:
+    """Every metric (rows) at each alpha (columns): alpha 0 is before fine-tuning, 1 after."""
+    rows = wise["rows"]
+    metrics = [k for k in rows[0] if k != "alpha" and not k.endswith(("/num_images", "/seconds"))]
+    first = [wise["domain_metric"], wise["reference_metric"]]
+    metrics = list(dict.fromkeys([m for m in first if m in metrics] + metrics))
+    width = max(len(m) for m in metrics)
+    labels = [
+        "before" if r["alpha"] == 0 else "after" if r["alpha"] == 1 else f"a={r['alpha']:g}" for r in rows
+    ]
+    lines = [f"  {'metric':<{width}}" + "".join(f"{label:>9}" for label in labels)]
+    for metric in metrics:
+        lines.append(f"  {metric:<{width}}" + "".join(f"{r.get(metric, float('nan')):>9.4f}" for r in rows))
+    return "\n".join(lines)
+
+
+def write_demo_manifest(out: str | Path, categories: list[str]) -> int:
+    """The demo domain as a user's CSV would be: Tux Paint stamps of the given top-level categories
+    ("all": every one) with image path, caption and class name (for zero-shot). Returns the count."""
+    names = load_class_map(CLASSNAMES_DIR / "tuxpaint.tsv")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    count = 0
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "category"])
+        for record in tuxpaint_records():
+            category = tuxpaint_category(record.meta["category"])
+            if not record.caption or ("all" not in categories and category.split("/")[0] not in categories):
+                continue
+            writer.writerow([record.image, record.caption, names.get(category, category.split("/")[-1])])
+            count += 1
+    tmp.rename(out)
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_train.finetune", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("target", help="a run directory (prints its before/after table) or demo-manifest")
+    parser.add_argument(
+        "--categories", default="all", help="demo-manifest: Tux Paint top folders (animals,food,...) or all"
+    )
+    parser.add_argument("--out", type=Path, help="demo-manifest: the CSV to write")
+    args = parser.parse_args(argv)
+    if args.target == "demo-manifest":
+        if args.out is None:
+            parser.error("demo-manifest needs --out")
+        count = write_demo_manifest(args.out, [c.strip() for c in args.categories.split(",") if c.strip()])
+        print(f"{count} Tux Paint stamps of {args.categories} written to {args.out}")
+        return 0
+    results = Path(args.target) / "results.json"
+    wise = json.loads(results.read_text()).get("wise") if results.is_file() else None
+    if not wise:
+        print(
+            f"error: {results} holds no WiSE-FT results: run with finetune.wise_alphas set", file=sys.stderr
+        )
+        return 2
+    print(f"before (alpha 0) and after (alpha 1) fine-tuning, {args.target}:\n{format_before_after(wise)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
