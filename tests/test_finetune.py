@@ -10,17 +10,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from clip_train.finetune import default_metrics, interpolate_state, wise_ft_sweep
+from clip_train.finetune import default_metrics, format_before_after, interpolate_state, wise_ft_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_interpolation_is_exact_at_the_endpoints_and_linear_between():
+    torch.manual_seed(0)
     start = {"w": torch.randn(3, 4), "steps": torch.tensor(5)}
     end = {"w": torch.randn(3, 4), "steps": torch.tensor(9)}
     assert torch.equal(interpolate_state(start, end, 0.0)["w"], start["w"])
     assert torch.equal(interpolate_state(start, end, 1.0)["w"], end["w"])
-    assert torch.allclose(interpolate_state(start, end, 0.25)["w"], 0.75 * start["w"] + 0.25 * end["w"])
+    quarter = interpolate_state(start, end, 0.25)["w"]
+    assert torch.allclose(quarter, 0.75 * start["w"] + 0.25 * end["w"], atol=1e-6)
     assert interpolate_state(start, end, 0.5)["steps"] == 9  # counters are not blended
     with pytest.raises(ValueError, match="shape"):
         interpolate_state({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, 0.5)
@@ -35,6 +37,15 @@ def test_the_sweep_evaluates_each_alpha_and_puts_the_fine_tuned_weights_back():
     assert [r["w/acc1"] for r in rows] == [0.0, 2.0, 4.0]
     assert torch.equal(model.weight, torch.full((1, 2), 2.0))
     assert default_metrics(rows) == ("w/acc1", "x")
+
+
+def test_the_before_after_table_puts_the_chosen_metrics_first():
+    rows = [{"alpha": a, "x/acc1": a, "ref/acc1": 1 - a, "ref/seconds": 3.0} for a in (0, 0.5, 1)]
+    table = format_before_after({"domain_metric": "ref/acc1", "reference_metric": "x/acc1", "rows": rows})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "before", "a=0.5", "after"]
+    assert lines[1].split() == ["ref/acc1", "1.0000", "0.5000", "0.0000"] and lines[2].split()[0] == "x/acc1"
+    assert "seconds" not in table
 
 
 def _train(*args):
@@ -78,6 +89,13 @@ def test_fine_tuning_a_saved_model_with_a_locked_image_tower_and_wise_ft(tmp_pat
         assert rows[0][key] == pytest.approx(base_results[key], abs=1e-6)  # alpha 0: the start model
         assert rows[1][key] == pytest.approx(results[key], abs=1e-6)  # alpha 1: the fine-tuned one
     assert (tmp_path / "tuned" / "eval" / "wise" / "wise.png").is_file()
+    table = subprocess.run(
+        [sys.executable, "-m", "clip_train.finetune", str(tmp_path / "tuned")],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    header, first = table.stdout.splitlines()[1:3]
+    assert header.split()[1:] == ["before", "a=0.5", "after"] and first.split()[0] == "shapes/acc1"
 
     missing = _train(f"run_dir={tmp_path / 'bad'}", *data, f"model.init_from={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "holds no saved model" in missing.stderr.strip().splitlines()[-1]
