@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in their quick mode (figures are not asserted here)."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -57,3 +58,32 @@ def test_eval_benchmark_quick_mode_times_both_sides_at_equal_accuracy(tmp_path):
     # the warm run took its class embeddings from the cache: (almost) no time in text encoding
     assert sides["clip_train_warm"]["median_run"]["text_s"] < sides["clip_train_cold"]["median_run"]["text_s"]
     assert "vs OpenCLIP" in done.stdout
+
+
+def test_data_benchmark_quick_mode_times_every_pipeline_on_the_same_batches(tmp_path):
+    out = tmp_path / "data.json"
+    done = _run("data.py", "--quick", "--out", str(out), timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    # the rows that must be there: clip_train without draft decoding always; with it when
+    # build_train_loader has a switch for it; OpenCLIP when its venv (benchmarks/openclip_venv.sh) exists
+    from clip_train.data.pipeline import build_train_loader
+
+    expected = {"clip_train_draft_off"}
+    if {"draft_decode", "decode_size"} & set(inspect.signature(build_train_loader).parameters):
+        expected.add("clip_train_draft_on")
+    cache = os.path.expanduser(os.environ.get("CLIP_TRAIN_CACHE", "~/.cache/clip_train"))
+    venv = os.environ.get("OPENCLIP_VENV", os.path.join(cache, "venv-openclip"))
+    if os.path.exists(os.path.join(venv, "bin", "python")):
+        expected.add("openclip")
+    sides = result["sides"]
+    assert set(sides) == expected
+    for side in sides.values():
+        assert side["images_per_s"] > 0 and side["images_per_run"] == 4 * 8
+        # the tiny model: 64 px images, 16 tokens; the same on every side
+        assert side["image_batch"] == [8, 3, 64, 64] and side["image_dtype"] == "float32"
+        assert side["token_batch"] == [8, 16] and side["token_dtype"] == "int64"
+    assert all(errors["skipped"] == 0 for errors in sides["clip_train_draft_off"]["data_errors"])
+    # synthetic 1024 px JPEGs written by the project's shard writer
+    assert result["shards"]["samples"] == 24 and result["shards"]["stored_long_side_median"] == 1024
+    assert "images/s" in done.stdout
