@@ -97,15 +97,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """ "image 4.01M/4.01M, text 22.71M/22.71M, head 0.43M/0.43M trainable": what the log states."""
+    """Trainable of all parameters per part, "image 0.00M/3.33M, text 7.10M/22.57M, head 0.43M/0.43M"."""
     counts: dict[str, list[int]] = {"image": [0, 0], "text": [0, 0], "head": [0, 0]}
     for name, param in model.named_parameters():
         entry = counts[_tower_of(name)]
         entry[0] += param.numel() if param.requires_grad else 0
         entry[1] += param.numel()
-    return (
-        ", ".join(f"{tower} {t / 1e6:.2f}M/{n / 1e6:.2f}M" for tower, (t, n) in counts.items()) + " trainable"
-    )
+    return ", ".join(f"{tower} {t / 1e6:.2f}M/{n / 1e6:.2f}M" for tower, (t, n) in counts.items())
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

