@@ -32,10 +32,11 @@ fi
 
 [ "$want_demo" = "demo" ] || exit 0
 
-# ---- Debian packages: the demo's image-text sources, the Fashion-MNIST test split, and the Unicode
-# emoji list (emoji-test.txt) that classes the held-out emoji by group for zero-shot evaluation.
+# ---- Debian packages: the demo's image-text sources (with rsvg-convert for the Tux Paint stamps
+# that exist only as SVG), the Fashion-MNIST test split, and the Unicode emoji list
+# (emoji-test.txt) that classes the held-out emoji by group for zero-shot evaluation.
 apt_missing=()
-for pkg in tuxpaint-stamps-default openclipart-png openclipart-svg dataset-fashion-mnist unicode-data; do
+for pkg in tuxpaint-stamps-default librsvg2-bin openclipart-png openclipart-svg dataset-fashion-mnist unicode-data; do
   dpkg -s "$pkg" >/dev/null 2>&1 || apt_missing+=("$pkg")
 done
 if [ ${#apt_missing[@]} -gt 0 ]; then
