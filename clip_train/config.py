@@ -213,11 +213,19 @@ class TrainConfig:
     # Recompute both towers' activations in the backward (timm / transformers checkpointing): less
     # activation memory for about a third more compute; exact, dropout included.
     grad_checkpointing: bool = False
+    # torch.compile the model's training forward (nn.Module.compile: in place, so the saved
+    # weights keep their plain names). inductor needs a C++ compiler on CPU; "aot_eager" traces and
+    # runs without code generation (what the tests use).
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Locked-image tuning (LiT) speed-up: with a fully locked image tower (model.image.lock and
     # unlocked_groups 0) its output per sample never changes, so compute it once per sample and
     # reuse it. Training images then get the eval transform (no random crop), since a cached
     # feature stands for one fixed view. Memory: num_features floats per distinct training sample.
     cache_image_features: bool = False
+    # Peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16; 0 = unknown): with it, each
+    # train record gets mfu = model FLOP/s per device / peak_flops (see clip_train/flops.py).
+    peak_flops: float = 0.0
 
 
 @dataclass

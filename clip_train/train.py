@@ -3,7 +3,7 @@
     clip-train configs/tiny.yaml run_dir=runs/tiny data.train_shards=...      # CPU smoke run
     bash launch/quickstart.sh                                                 # the demo recipe
     torchrun --nproc_per_node 2 -m clip_train train configs/tiny.yaml ...     # 2 processes, gloo on CPU
-    accelerate launch --config_file launch/accelerate/gpu_1node.yaml -m clip_train train configs/demo.yaml ...
+    accelerate launch --config_file launch/accelerate/gpu_8.yaml -m clip_train train configs/demo.yaml ...
 
 Data order: the loader is rebuilt at every checkpoint boundary with a seed derived from
 (seed, segment), where a segment is the span of steps between two checkpoints. An uninterrupted run
@@ -45,6 +45,7 @@ from clip_train.data.pipeline import (
 )
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.finetune import default_metrics, format_wise_table, wise_ft_sweep, write_wise
+from clip_train.flops import FlopMetrics, count_training_flops
 from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
 from clip_train.models.towers import build_image_transforms, build_tokenizer
@@ -240,10 +241,14 @@ def main(cfg: RunConfig) -> dict:
         init_folder = find_model_folder(cfg.model.init_from)
         cfg.model = config_from_saved(init_folder, cfg.model)
     model = ClipModel(cfg.model)
+    # model FLOPs of one pair, before checkpointing/compile (side-effect free: clip_train/flops.py)
+    flop_metrics = FlopMetrics(count_training_flops(model).per_sample, world, cfg.train.peak_flops)
     if init_folder is not None:
         load_saved_weights(model, init_folder)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        model.compile(backend=cfg.train.compile_backend)
     tokenizer = build_tokenizer(cfg.model.text)
     train_transform, eval_transform = build_image_transforms(
         model.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
@@ -502,6 +507,7 @@ def main(cfg: RunConfig) -> dict:
                     ),
                     "grad_norm": float(grad_norm),
                     "samples_per_s": window["steps"] * global_batch / elapsed,
+                    **flop_metrics(window["steps"] * global_batch / elapsed),
                     "data_wait_frac": window["data_wait"] / elapsed,
                     "samples_seen": state.samples_seen,
                     **data_counts.metrics(loader, accelerator),

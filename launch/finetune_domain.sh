@@ -25,11 +25,15 @@ if [ ! -e "$BASE" ]; then
     exit 2
   fi
   echo "== no base model yet: training the demo model first (launch/quickstart.sh)"
-  bash launch/quickstart.sh
+  RUN_DIR=runs/demo bash launch/quickstart.sh
 fi
 
-# ---- the domain's shards (the folder is named "domain": the zero-shot metric is domain/acc1)
-SHARDS=${DOMAIN_SHARDS:-$CACHE/finetune/domain}
+# ---- the domain's shards: one folder per input (clip-data reuses a finished folder), whose name is
+# the zero-shot metric's (<folder>/acc1)
+name=demo
+[ -n "${DOMAIN_MANIFEST:-}" ] && name=$(basename "${DOMAIN_MANIFEST%.*}")
+[ -n "${DOMAIN_FOLDER:-}" ] && name=$(basename "$DOMAIN_FOLDER")
+SHARDS=${DOMAIN_SHARDS:-$CACHE/finetune/domain-$name}
 CATEGORY_COL=${CATEGORY_COL:-}
 if [ -n "${DOMAIN_MANIFEST:-}" ]; then
   clip-data manifest "$DOMAIN_MANIFEST" --image-col "${IMAGE_COL:?set IMAGE_COL}" \
@@ -54,7 +58,7 @@ fi
 REFERENCE='{dataset: fashion-mnist, limit: 1000, templates: ["a photo of a {c}.", "a picture of a {c}.", "a {c}."]}, {dataset: emoji}'
 if [ -n "$CATEGORY_COL" ]; then
   ZEROSHOT="[{dataset: 'wds:$SHARDS', class_key: 'json:category'}, $REFERENCE]"
-  DOMAIN_METRIC=domain/acc1
+  DOMAIN_METRIC="$(basename "$SHARDS")/acc1"
 else
   ZEROSHOT="[$REFERENCE]"
   DOMAIN_METRIC=retrieval/image_retrieval_recall@5

@@ -87,3 +87,32 @@ def test_data_benchmark_quick_mode_times_every_pipeline_on_the_same_batches(tmp_
     # synthetic 1024 px JPEGs written by the project's shard writer
     assert result["shards"]["samples"] == 24 and result["shards"]["stored_long_side_median"] == 1024
     assert "images/s" in done.stdout
+
+
+def test_train_benchmark_quick_mode_trains_the_same_model_on_both_sides(tmp_path):
+    out = tmp_path / "train.json"
+    done = _run("train.py", "--quick", "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cache = os.path.expanduser(os.environ.get("CLIP_TRAIN_CACHE", "~/.cache/clip_train"))
+    venv = os.environ.get("OPENCLIP_VENV", os.path.join(cache, "venv-openclip"))
+    peer = os.path.exists(os.path.join(venv, "bin", "python"))
+    runs = result["runs"]
+    assert set(runs) == ({"clip_train", "openclip"} if peer else {"clip_train"})
+    flops = result["model"]["flops"]["per_sample"]
+    for run in runs.values():
+        assert sorted(int(s) for s in run["per_step"]) == list(range(1, 7))  # every step logged
+        assert run["steady"]["samples_per_s"] > 0 and run["steady"]["window_steps"] == [3, 6]
+    # clip_train's own log carries the FLOPs the benchmark counted on the same model
+    assert {r["flops_per_sample"] for r in runs["clip_train"]["per_step"].values()} == {flops}
+    # one model, one starting point: OpenCLIP's init imported exactly, equal losses on one batch
+    assert max(result["model"]["import_max_diff"].values()) < 1e-4
+    profile = result["profile"]
+    assert profile["same_batch_loss"][0] == pytest.approx(profile["same_batch_loss"][1], abs=1e-4)
+    assert len(set(profile["decayed_params"].values())) == 1
+    for side in ("clip_train", "openclip"):
+        assert profile[side]["total"] > 0 and profile[f"{side}_top_ops"]
+    if peer:
+        curves = result["loss_curves"]["clip_train vs openclip"]
+        assert curves["steps"] == 6 and curves["max_lr_diff"] < 1e-6
+        assert "vs OpenCLIP" in done.stdout and result["ratio"] > 0

@@ -8,6 +8,7 @@ LAYERS = [
     {"config"},
     {"distributed"},
     {"models", "loss", "accumulation", "data", "optim", "checkpoint", "tracking"},
+    {"flops"},  # counts a models.ClipModel's FLOPs
     {"evaluate", "export"},
     {"finetune"},
     {"train"},
