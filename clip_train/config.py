@@ -148,6 +148,10 @@ class OptimConfig:
     # times the one above (BEiT / timm style; 1.0 = off). Image layers are timm's parameter groups,
     # text layers the transformer's layers, with the embeddings below the first.
     layer_decay: float = 1.0
+    # torch's fused AdamW: one kernel over all parameters instead of a Python loop of small ops
+    # (CPU and CUDA). The same update to float rounding; on this 2-core CPU the step of an
+    # 18M-parameter model takes ~12 ms instead of ~55 ms. false = torch's default implementation.
+    fused: bool = True
 
 
 @dataclass
@@ -185,6 +189,9 @@ class EvalConfig:
     # fp32 evaluation through a traced, frozen copy of the image tower (BatchNorm folded, oneDNN
     # kernels): ~1.5x faster on CPU, equal to rounding; false = the eager tower
     jit_image_tower: bool = True
+    # Images per image-tower call (evaluation, and train.cache_image_features' forward); 0 = auto:
+    # 8 on CPU, where small chunks stay in cache (~3x faster for EfficientNet-Lite0), else the batch
+    image_chunk: int = 0
 
 
 @dataclass

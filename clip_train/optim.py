@@ -107,7 +107,14 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused=None (not False) when off: torch then picks its default (foreach on GPUs, a loop on CPU)
+    return torch.optim.AdamW(
+        param_groups(model, cfg),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=cfg.fused or None,
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

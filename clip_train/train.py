@@ -43,6 +43,7 @@ from clip_train.data.pipeline import (
     expand_urls,
     in_worker_order,
 )
+from clip_train.evaluate.encode import image_chunk_size, in_chunks
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.finetune import default_metrics, format_wise_table, wise_ft_sweep, write_wise
 from clip_train.flops import FlopMetrics, count_training_flops
@@ -56,6 +57,9 @@ ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 # Test hook: SIGKILL this process right after finishing the given step, to test resume after a
 # real, unannounced death (no handler, no flush beyond what was already written).
 KILL_AT_STEP_ENV = "CLIP_TRAIN_TEST_KILL_AT_STEP"
+# Test hook: "STEP:RANK": that rank sends itself SIGUSR1 as it starts the given step (a preemption
+# warning reaching one process only), to test that every rank checkpoints its own data stream.
+SIGNAL_AT_STEP_ENV = "CLIP_TRAIN_TEST_SIGNAL_AT_STEP"
 # Test hook: make the loss NaN at these steps (comma-separated), to test the non-finite step skip.
 NAN_AT_STEPS_ENV = "CLIP_TRAIN_TEST_NAN_AT_STEPS"
 # SIGTERM / SIGUSR1 (a scheduler's preemption warning): checkpoint at the next step boundary, then
@@ -74,20 +78,44 @@ class TrainState:
 
     step: int = 0
     samples_seen: int = 0
-    # Where the data stream of this checkpoint segment stands: the pass over non-resampled shards,
-    # and per loader worker the last raw sample position used (see build_train_loader).
+    # Where this process's data stream of the checkpoint segment stands: the pass over
+    # non-resampled shards, and per loader worker the last raw sample position used (see
+    # build_train_loader). Each rank's stream is its own (it skips its own bad samples).
     data_pass: int = 0
     data_positions: dict[int, int] = dataclasses.field(default_factory=dict)
     data_next_worker: int = 0  # the loader worker whose batch comes next (they take turns)
+    rank: int = 0  # not saved: which entry of the saved per-rank data state is this process's
+    # every rank's data state, filled by gather_data_state() before a save; accelerate writes the
+    # main process's state_dict only, so the other ranks' streams must travel in it
+    data_by_rank: dict[int, dict] = dataclasses.field(default_factory=dict)
+
+    def local_data_state(self) -> dict:
+        return {
+            "pass": self.data_pass,
+            "positions": dict(self.data_positions),
+            "next_worker": self.data_next_worker,
+        }
+
+    def gather_data_state(self) -> None:
+        """Collect every rank's data state (all processes must call it)."""
+        from accelerate.utils import gather_object
+
+        self.data_by_rank = dict(enumerate(gather_object([self.local_data_state()])))
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = self.data_by_rank or {self.rank: self.local_data_state()}
+        return {"step": self.step, "samples_seen": self.samples_seen, "data_by_rank": data}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.data_pass = state.get("data_pass", 0)
-        self.data_positions = {int(w): int(n) for w, n in state.get("data_positions", {}).items()}
-        self.data_next_worker = state.get("data_next_worker", 0)
+        by_rank = {int(r): d for r, d in state.get("data_by_rank", {}).items()}
+        # A rank the checkpoint has no entry for (more processes than it was saved with, accepted
+        # by train.allow_resume_change) starts its segment's stream from the beginning.
+        mine = by_rank.get(self.rank, {})
+        self.data_pass = int(mine.get("pass", 0))
+        self.data_positions = {int(w): int(n) for w, n in mine.get("positions", {}).items()}
+        self.data_next_worker = int(mine.get("next_worker", 0))
+        self.data_by_rank = {}
 
 
 class ImageFeatureCache:
@@ -99,15 +127,16 @@ class ImageFeatureCache:
     Not saved in checkpoints; a resumed run refills it with the same values.
     """
 
-    def __init__(self):
+    def __init__(self, chunk: int):
         self.features: dict[str, torch.Tensor] = {}
+        self.chunk = chunk  # images per tower call (eval.image_chunk, resolved for the device)
 
     @torch.no_grad()
     def lookup(self, model: ClipModel, images: torch.Tensor, keys: list[str], autocast) -> torch.Tensor:
         missing = [i for i, key in enumerate(keys) if key not in self.features]
         if missing:
             with autocast():
-                computed = model.image_tower_features(images[missing]).float().cpu()
+                computed = in_chunks(model.image_tower_features, images[missing], self.chunk).float().cpu()
             for i, feature in zip(missing, computed):
                 self.features[keys[i]] = feature
         return torch.stack([self.features[key] for key in keys]).to(images.device)
@@ -258,7 +287,9 @@ def main(cfg: RunConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, cfg.log, to_dict(cfg), enabled=accelerator.is_main_process)
-    feature_cache = ImageFeatureCache() if cfg.train.cache_image_features else None
+    feature_cache = None
+    if cfg.train.cache_image_features:
+        feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
     if feature_cache is not None:
         train_transform = eval_transform  # one fixed view per sample (see ImageFeatureCache)
     loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
@@ -270,7 +301,7 @@ def main(cfg: RunConfig) -> dict:
     # optimizer step (it assumes a prepared, shortened loader), which would run the schedule W times
     # too fast here. Registered, it is still saved and restored with the checkpoint.
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
+    state = TrainState(rank=rank)
     accelerator.register_for_checkpointing(scheduler, state)
     set_seed(cfg.train.seed + rank)  # dropout and augmentation differ across ranks
 
@@ -354,6 +385,7 @@ def main(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------- loop
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+    signal_at = tuple(int(x) for x in os.environ.get(SIGNAL_AT_STEP_ENV, "0:0").split(":"))
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * world * accum  # pairs in one contrastive batch
     logger.log(
@@ -432,6 +464,8 @@ def main(cfg: RunConfig) -> dict:
     logger.start_progress(total, state.step)
     step_start = time.perf_counter()
     while state.step < total:
+        if signal_at == (state.step + 1, rank):
+            os.kill(os.getpid(), signal.SIGUSR1)
         fetched = [next_micro_batch() for _ in range(accum)]
         micro_batches = [inputs for inputs, _ in fetched]
         if accum == 1:
@@ -519,6 +553,7 @@ def main(cfg: RunConfig) -> dict:
             last_eval_step = state.step
         if due(state.step, cfg.train.ckpt_every, total):
             meta = {**expected_meta, "samples_seen": state.samples_seen}
+            state.gather_data_state()
             checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
             if state.step < total:
                 state.data_pass, state.data_positions, state.data_next_worker = 0, {}, 0
@@ -529,6 +564,7 @@ def main(cfg: RunConfig) -> dict:
         if state.step < total and preempt:
             if not due(state.step, cfg.train.ckpt_every, total):  # else just saved
                 meta = {**expected_meta, "samples_seen": state.samples_seen}
+                state.gather_data_state()
                 checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
             logger.log("preempted", state.step, {"samples_seen": state.samples_seen})
             logger.close()

@@ -301,6 +301,30 @@ def test_traced_image_tower_gives_the_eager_embeddings_and_follows_weight_change
         assert towers.get(model, images, off) == model.image_tower_features
 
 
+def test_images_are_encoded_in_chunks_with_the_same_embeddings():
+    from PIL import Image
+
+    from clip_train.evaluate.encode import encode_images, image_chunk_size
+
+    model, _, transform = tiny_model()
+    pictures = [Image.new("RGB", (40, 30), (20 * i, 255 - 30 * i, 7 * i)) for i in range(7)]
+    calls = []
+    original = model.visual.forward
+    model.visual.forward = lambda x: calls.append(len(x)) or original(x)
+    whole = EvalContext(torch.device("cpu"), "fp32", batch_size=7, jit_image_tower=False, image_chunk=100)
+    chunked = EvalContext(torch.device("cpu"), "fp32", batch_size=7, jit_image_tower=False, image_chunk=3)
+    reference = encode_images(model, pictures.__getitem__, 7, transform, whole)
+    assert calls == [7]
+    calls.clear()
+    got = encode_images(model, pictures.__getitem__, 7, transform, chunked)
+    assert calls == [3, 3, 1]
+    assert _close(got, reference)
+    # auto (0): chunks of 8 on a CPU, the whole batch on other devices; a set value wins
+    assert image_chunk_size(torch.device("cpu")) == 8
+    assert image_chunk_size(torch.device("cuda")) > 10_000
+    assert image_chunk_size(torch.device("cpu"), 32) == 32
+
+
 def test_plots_write_readable_pictures_for_few_and_many_classes(tmp_path):
     from PIL import Image
 

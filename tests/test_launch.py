@@ -101,6 +101,47 @@ def test_two_processes_through_accelerate_launch_equal_one_process_with_the_glob
     assert _losses(tmp_path / "two")[-1] < _losses(tmp_path / "two")[0]  # and it learns
 
 
+def test_a_preempted_two_process_run_resumes_each_ranks_own_data_stream(tmp_path):
+    # Rank 0's shard has an undecodable image at position 2 and rank 1's none, so after the same
+    # steps their streams stand at different raw positions; each must resume at its own.
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for rank in (0, 1):
+        samples = [_sample(rank, i) for i in range(BATCH * STEPS + 1)]
+        if rank == 0:
+            samples[1]["png"] = b"not a png"
+        with wds.TarWriter(str(folder / f"r{rank}.tar")) as sink:
+            for sample in samples:
+                sink.write(sample)
+    settings = [f"data.train_shards={folder}/r{{0..1}}.tar", f"data.batch_size={BATCH}", *EXACT]
+
+    def launch(run_dir, env=None):
+        return subprocess.run(
+            _accelerate(f"run_dir={run_dir}", *settings),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env=env,
+        )
+
+    straight = launch(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert read_metrics(tmp_path / "straight", "train")[-1]["data/skipped/undecodable_image"] == 1
+
+    # the preemption warning reaches rank 1 only, as it starts step 3
+    stopped = launch(tmp_path / "run", env={**os.environ, "CLIP_TRAIN_TEST_SIGNAL_AT_STEP": "3:1"})
+    assert stopped.returncode != 0
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert latest == "step-000000003", stopped.stderr[-3000:]
+    resumed = launch(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # rank 0 had read one raw sample more than rank 1; both continue with the batches they would have had
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
+    assert len(got) == STEPS and got[3:] == pytest.approx(want[3:], abs=1e-6)
+    assert got[:3] == pytest.approx(want[:3], abs=1e-6)
+
+
 def test_the_launcher_forwards_usr1_when_told_to_and_every_rank_checkpoints(tmp_path, tiny_data):
     shards = tiny_data["shards"]
     env = {**os.environ, "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}  # as slurm.sbatch

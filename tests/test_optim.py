@@ -93,3 +93,22 @@ def test_per_tower_multipliers_and_layer_wise_decay_on_a_real_model():
     model.text.lock(unlocked_layers=1)
     summary = trainable_summary(model)
     assert summary.startswith("image ") and "text 0.0" in summary and summary.endswith("M")
+
+
+def test_fused_adamw_is_used_and_makes_the_same_updates_as_the_default():
+    def trained(fused: bool) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = Toy()
+        optimizer = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.2, fused=fused))
+        for step in range(5):
+            for p in model.parameters():
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + step).view_as(p)
+            optimizer.step()
+        return optimizer, [p.detach().clone() for p in model.parameters()]
+
+    fused_opt, fused_params = trained(True)
+    plain_opt, plain_params = trained(False)
+    assert all(g["fused"] for g in fused_opt.param_groups)
+    assert not any(g["fused"] for g in plain_opt.param_groups)
+    for a, b in zip(fused_params, plain_params):
+        assert torch.allclose(a, b, atol=1e-6)

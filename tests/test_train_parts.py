@@ -42,14 +42,14 @@ def test_feature_cache_returns_the_towers_output_and_computes_each_sample_once()
     calls = []
     original = model.image_tower_features
     model.image_tower_features = lambda x: calls.append(len(x)) or original(x)
-    cache = ImageFeatureCache()
+    cache = ImageFeatureCache(chunk=3)
     images = torch.randn(4, 3, 64, 64)
     first = cache.lookup(model, images, ["a", "b", "c", "d"], contextlib.nullcontext)
     with torch.no_grad():
         assert torch.allclose(first, original(images), atol=1e-6)
     # b and d again (in another order) plus one new sample: only the new one is computed
     again = cache.lookup(model, images[[3, 1, 0]], ["d", "b", "e"], contextlib.nullcontext)
-    assert calls == [4, 1]
+    assert calls == [3, 1, 1]  # the 4 new samples in chunks of at most 3, then the 1 new one
     assert torch.equal(again[0], first[3]) and torch.equal(again[1], first[1])
     # cached features enter the model exactly as the tower's own output would
     tokens = torch.randint(1, 50, (4, 16))

@@ -108,7 +108,9 @@ def run_evaluation(
     """
     was_training = model.training
     model.eval()
-    ctx = EvalContext(device, precision, cfg.batch_size, jit_image_tower=cfg.jit_image_tower)
+    ctx = EvalContext(
+        device, precision, cfg.batch_size, jit_image_tower=cfg.jit_image_tower, image_chunk=cfg.image_chunk
+    )
     write = out_dir is not None and distributed.is_main()
     flat: dict[str, float] = {}
     started = time.perf_counter()
