@@ -66,15 +66,19 @@ that the comparison is like for like (else exit 1, no results): the same loss fr
 one batch (eval mode), the same parameters under weight decay, and (from the logs) the same
 learning rate at every step.
 
-Measured (2-core Xeon with AVX-512, no GPU, 2026-11-25; benchmarks/results/train.json is the last
-run): 2.54 GFLOPs per pair per step (image 1.62, text 0.92, projections 0.001). Three full runs on
-the shuffled shards gave clip_train 62.3-66.3 samples/s against OpenCLIP 51.4, 59.1 and 61.1:
-1.21x, 1.11x and 1.07x (OpenCLIP varies more from run to run than clip_train). The loss curves
-agree within noise: mean |difference| of the smoothed curves 0.05-0.06 against 0.13 between
-two clip_train seeds. Per step on the same batches, the two models do the same work except
+Measured (2-core Xeon with AVX-512, no GPU; benchmarks/results/train.json is the last run):
+2.54 GFLOPs per pair per step (image 1.62, text 0.92, projections 0.001). 2026-11-26, with fused
+AdamW: clip_train 65.9 and 67.2 samples/s (two seeds) against OpenCLIP 59.5: 1.11x and 1.13x; on the
+same batches with the loader stopped, 0.811 s against 0.918 s per step (1.13x). Earlier runs
+(2026-11-25, before fused AdamW): 1.21x, 1.11x and 1.07x (OpenCLIP varies more from run to run than
+clip_train). The loss curves: mean |difference| of the smoothed curves 0.05-0.06 against 0.13
+between two clip_train seeds on 2026-11-25; 0.20 against 0.12 on 2026-11-26 (each run repacks the
+shards in a new random order, so each run's batches differ; fused and unfused AdamW give the same
+losses to 2e-7 on the same batches). Per step on the same batches, the two models do the same work except
 for the text: clip_train drops the columns that are padding in the whole batch (17-32 of 32 on
-these captions), so its text forward and backward cost less; image tower, loss, clipping and
-AdamW are the same kernels. On the demo shards as written (--keep-order, 100 steps), clip_train's
+these captions), so its text forward and backward cost less; image tower, loss and clipping are
+the same kernels; AdamW is torch's fused kernel in clip_train (0.015 s) and its per-parameter loop in
+OpenCLIP (0.063 s). On the demo shards as written (--keep-order, 100 steps), clip_train's
 loss ended 0.37 above OpenCLIP's, 4x the seed-to-seed difference: its 1000-sample shuffle buffer
 over shards that hold one source each makes batches of alike samples, which are harder for the
 contrastive loss (how much of the gap is the measurement and how much slower learning was not

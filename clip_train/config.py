@@ -72,6 +72,10 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 256
+    # The image features' projection into the shared space: linear (bias-free, as in CLIP) or mlp
+    # (Linear with bias, GELU, bias-free Linear; hidden 2 x embed_dim: OpenCLIP's timm_proj "mlp").
+    # The text projection is linear.
+    image_proj: str = _choice("linear", "linear", "mlp")
     # Initial log temperature and logit bias; empty = the loss's own convention, filled in when the
     # config is loaded: ln(1/0.07) and no bias for InfoNCE (CLIP), ln(10) and -10 for SigLIP.
     init_logit_scale: float | None = None
@@ -187,7 +191,7 @@ class EvalConfig:
     batch_size: int = 128
     plots: bool = True  # a PNG per task: confusion matrix / recall@k curves
     # fp32 evaluation through a traced, frozen copy of the image tower (BatchNorm folded, oneDNN
-    # kernels): ~1.5x faster on CPU, equal to rounding; false = the eager tower
+    # kernels): ~1.25x faster on CPU, equal to rounding; false = the eager tower
     jit_image_tower: bool = True
     # Images per image-tower call (evaluation, and train.cache_image_features' forward); 0 = auto:
     # 8 on CPU, where small chunks stay in cache (~3x faster for EfficientNet-Lite0), else the batch

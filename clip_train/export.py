@@ -221,6 +221,11 @@ def _check_hf(model: ClipModel, tokenizer: TextTokenizer) -> list[str]:
         raise ExportError(
             "--to hf needs transformers with TimmWrapperModel: pip install 'transformers>=4.48'"
         ) from None
+    if model.cfg.image_proj != "linear":
+        raise ExportError(
+            f"--to hf cannot reproduce model.image_proj={model.cfg.image_proj}: "
+            "VisionTextDualEncoderModel's visual_projection is one bias-free linear layer; use --to openclip"
+        )
     transformer = model.text.transformer
     model_type = transformer.config.model_type
     pooling = model.text.pooling
@@ -300,7 +305,12 @@ def rename_state_dict(state: dict[str, torch.Tensor], rules) -> dict[str, torch.
 
 
 def openclip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
-    return rename_state_dict(model.state_dict(), OPENCLIP_KEYS)
+    rules = OPENCLIP_KEYS
+    if model.cfg.image_proj == "mlp":  # TimmModel's head holds it as .mlp (fc1, fc2: the same names)
+        rules = tuple(
+            ("image_proj.", "visual.head.mlp.") if old == "image_proj." else (old, new) for old, new in rules
+        )
+    return rename_state_dict(model.state_dict(), rules)
 
 
 def hf_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
@@ -359,7 +369,7 @@ def _write_openclip_config(model: ClipModel, folder: Path, hf_folder: Path) -> N
             "timm_model_name": image.name,
             "timm_model_pretrained": False,
             "timm_pool": "",
-            "timm_proj": "linear",
+            "timm_proj": model.cfg.image_proj,  # linear or mlp (OpenCLIP's hidden 2 x embed_dim)
             "timm_proj_bias": False,
             "image_size": image.image_size,
         },

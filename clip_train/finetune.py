@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clip_train.data import DataError
 from clip_train.data.sources import tuxpaint_records
 from clip_train.evaluate.datasets import tuxpaint_category
 from clip_train.evaluate.prompts import CLASSNAMES_DIR, load_class_map
@@ -143,15 +144,22 @@ def write_demo_manifest(out: str | Path, categories: list[str]) -> int:
     """The demo domain as a user's CSV would be: Tux Paint stamps of the given top-level categories
     ("all": every one) with image path, caption and class name (for zero-shot). Returns the count."""
     names = load_class_map(CLASSNAMES_DIR / "tuxpaint.tsv")
+    stamps = [(r, tuxpaint_category(r.meta["category"])) for r in tuxpaint_records() if r.caption]
+    known = sorted({category.split("/")[0] for _, category in stamps})
+    unknown = [c for c in categories if c != "all" and c not in known]
+    if unknown or not categories:
+        raise DataError(
+            f"demo-manifest: no Tux Paint category {', '.join(unknown) or '(none given)'}: "
+            f"pass --categories with some of {', '.join(known)}, or all"
+        )
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     count = 0
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "caption", "category"])
-        for record in tuxpaint_records():
-            category = tuxpaint_category(record.meta["category"])
-            if not record.caption or ("all" not in categories and category.split("/")[0] not in categories):
+        for record, category in stamps:
+            if "all" not in categories and category.split("/")[0] not in categories:
                 continue
             writer.writerow([record.image, record.caption, names.get(category, category.split("/")[-1])])
             count += 1
@@ -172,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "demo-manifest":
         if args.out is None:
             parser.error("demo-manifest needs --out")
-        count = write_demo_manifest(args.out, [c.strip() for c in args.categories.split(",") if c.strip()])
+        try:
+            count = write_demo_manifest(
+                args.out, [c.strip() for c in args.categories.split(",") if c.strip()]
+            )
+        except DataError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 2
         print(f"{count} Tux Paint stamps of {args.categories} written to {args.out}")
         return 0
     results = Path(args.target) / "results.json"

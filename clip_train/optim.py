@@ -34,7 +34,7 @@ def layer_depths(model: nn.Module) -> dict[str, tuple[int, int]]:
 
     Image tower: timm's own parameter groups (group_matcher(coarse=False): stem 0, one per block,
     the head with the last), as timm's layer-decay helper uses. Text tower: the embeddings 0, layer
-    i is i + 1, whatever follows the layer stack (a final norm) the top.
+    i is i + 1; the top is the last layer, or, when parameters follow the stack (a final norm), those.
     """
     depths: dict[str, tuple[int, int]] = {}
     visual = getattr(model, "visual", None)
@@ -49,14 +49,15 @@ def layer_depths(model: nn.Module) -> dict[str, tuple[int, int]]:
     stack = _text_layer_stack(text) if text is not None else None
     if stack is not None:
         layer_of = {id(p): i + 1 for i, layer in enumerate(stack) for p in layer.parameters()}
-        top = len(stack) + 1
-        seen_layers = False
-        for name, p in text.named_parameters():  # registration order: embeddings, layers, the rest
+        named = list(text.named_parameters())  # registration order: embeddings, layers, the rest
+        layers = [i for i, (_, p) in enumerate(named) if id(p) in layer_of]
+        # the top is the last layer, or one above it when parameters follow the stack (a final norm)
+        top = len(stack) + (1 if layers and layers[-1] < len(named) - 1 else 0)
+        for i, (name, p) in enumerate(named):
             if id(p) in layer_of:
-                seen_layers = True
                 depths[f"text.{name}"] = (layer_of[id(p)], top)
             else:
-                depths[f"text.{name}"] = (top if seen_layers else 0, top)
+                depths[f"text.{name}"] = (top if layers and i > layers[-1] else 0, top)
     return depths
 
 

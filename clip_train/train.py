@@ -144,6 +144,8 @@ class ImageFeatureCache:
 
 def check_run_config(cfg: RunConfig) -> None:
     """Combinations of settings that cannot work, caught before anything is loaded."""
+    if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
+        raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
     image = cfg.model.image
     if cfg.train.cache_image_features and not (
         image.lock and image.unlocked_groups == 0 and image.freeze_bn_stats
@@ -239,6 +241,12 @@ def main(cfg: RunConfig) -> dict:
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=use_cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
+    init_folder = None
+    if cfg.model.init_from:  # fine-tuning a saved model: its architecture, this run's locks
+        init_folder = find_model_folder(cfg.model.init_from)
+        # resolved before the fingerprint below, so that the saved config.yaml (which holds the
+        # resolved architecture) resumes the run too
+        cfg.model = config_from_saved(init_folder, cfg.model)
     expected_meta = {
         "model": to_dict(cfg.model),
         # everything below decides which samples each step reads (see the module docstring)
@@ -265,10 +273,6 @@ def main(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------- model, loss, optimizer
     set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    init_folder = None
-    if cfg.model.init_from:  # fine-tuning a saved model: its architecture, this run's locks
-        init_folder = find_model_folder(cfg.model.init_from)
-        cfg.model = config_from_saved(init_folder, cfg.model)
     model = ClipModel(cfg.model)
     # model FLOPs of one pair, before checkpointing/compile (side-effect free: clip_train/flops.py)
     flop_metrics = FlopMetrics(count_training_flops(model).per_sample, world, cfg.train.peak_flops)
@@ -596,8 +600,6 @@ def main(cfg: RunConfig) -> dict:
 def run_wise_ft(model, start_dir: Path, cfg: RunConfig, tokenizer, transform, accelerator, run_dir: Path):
     """Evaluate (1 - a) * start + a * end for each a of finetune.wise_alphas; print the table,
     write eval/wise/wise.json and wise.png; return {"domain_metric", "reference_metric", "rows"}."""
-    if not (cfg.eval.zeroshot or cfg.data.val_shards):
-        raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
     start_state = load_file(str(Path(start_dir) / "model.safetensors"))
     out = run_dir / "eval" / "wise"
 

@@ -20,9 +20,9 @@ def _model(*overrides):
     return cfg, model.eval()
 
 
-@pytest.mark.parametrize("lock", [False, True])
-def test_save_and_from_pretrained_reproduce_embeddings_exactly(tmp_path, lock):
-    cfg, model = _model(f"model.image.lock={str(lock).lower()}")
+@pytest.mark.parametrize(("lock", "image_proj"), [(False, "linear"), (True, "linear"), (False, "mlp")])
+def test_save_and_from_pretrained_reproduce_embeddings_exactly(tmp_path, lock, image_proj):
+    cfg, model = _model(f"model.image.lock={str(lock).lower()}", f"model.image_proj={image_proj}")
     tokenizer = build_tokenizer(cfg.model.text)
     images = torch.randn(3, 3, 64, 64)
     texts = ["a red circle", "two blue squares on a table", "x"]
@@ -31,6 +31,7 @@ def test_save_and_from_pretrained_reproduce_embeddings_exactly(tmp_path, lock):
     model.save_pretrained(tmp_path / "m", tokenizer)
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["model"]["text"]["tokenizer"] == "tokenizer" and saved["model"]["image"]["pretrained"] == ""
+    assert saved["model"]["image_proj"] == image_proj
 
     loaded = ClipModel.from_pretrained(tmp_path / "m").eval()
     loaded_tokenizer = load_tokenizer(tmp_path / "m")

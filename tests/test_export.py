@@ -81,8 +81,9 @@ def _nothing_written(out):
             "model.text.pooling=cls",
             "loss.kind=siglip",
         ],  # a ViT at timm's own size (OpenCLIP cannot size it), cls pooling, SigLIP's logit bias
+        ["model.image_proj=mlp"],  # OpenCLIP's timm_proj mlp head
     ],
-    ids=["efficientnet-mean", "vit-cls-siglip"],
+    ids=["efficientnet-mean", "vit-cls-siglip", "mlp-projection"],
 )
 def test_openclip_export_gives_clip_train_embeddings(tmp_path, monkeypatch, overrides):
     open_clip = pytest.importorskip("open_clip")
@@ -164,6 +165,11 @@ def test_hf_export_gives_clip_train_embeddings(tmp_path, overrides):
         ("hf", [], "cannot reproduce model.text.pooling=mean: .* for bert is tanh"),
         ("hf", ["model.text.pooling=cls"], "cannot reproduce model.text.pooling=cls: .* for bert is tanh"),
         ("hf", [CLIP_TEXT], "pooling=mean: .* for clip_text_model is the hidden state at the first eos"),
+        (
+            "hf",
+            [CLIP_TEXT, "model.text.pooling=eos", "model.image_proj=mlp"],
+            "model.image_proj=mlp: .*--to openclip",
+        ),
     ],
 )
 def test_what_the_target_cannot_reproduce_is_refused_in_one_line(tmp_path, capsys, to, overrides, message):

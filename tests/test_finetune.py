@@ -97,5 +97,37 @@ def test_fine_tuning_a_saved_model_with_a_locked_image_tower_and_wise_ft(tmp_pat
     header, first = table.stdout.splitlines()[1:3]
     assert header.split()[1:] == ["before", "a=0.5", "after"] and first.split()[0] == "shapes/acc1"
 
+    # the run's own saved config (with the resolved architecture) continues it: here, already finished
+    again = subprocess.run(
+        [sys.executable, "-m", "clip_train", "train", str(tmp_path / "tuned" / "config.yaml")],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert again.returncode == 0 and "already finished 4 steps" in again.stdout, again.stderr[-2000:]
+
     missing = _train(f"run_dir={tmp_path / 'bad'}", *data, f"model.init_from={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "holds no saved model" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_demo_manifest_writes_the_chosen_categories_and_refuses_an_unknown_one(tmp_path, monkeypatch, capsys):
+    from clip_train import finetune
+    from clip_train.data.sources import Record
+
+    stamps = [
+        Record("tuxpaint", "a", "/stamps/cat.png", "a cat", {"category": "animals/mammals/cats"}),
+        Record("tuxpaint", "b", "/stamps/pear.png", "a pear", {"category": "food/fruit/cartoon"}),
+        Record("tuxpaint", "c", "/stamps/x.png", None, {"category": "food/fruit"}),  # no caption: left out
+    ]
+    monkeypatch.setattr(finetune, "tuxpaint_records", lambda: iter(stamps))
+    out = tmp_path / "domain.csv"
+    assert finetune.main(["demo-manifest", "--categories", "food", "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    assert (
+        rows[0] == "image,caption,category"
+        and len(rows) == 2
+        and rows[1].startswith("/stamps/pear.png,a pear,")
+    )
+
+    assert finetune.main(["demo-manifest", "--categories", "fod", "--out", str(tmp_path / "typo.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no Tux Paint category fod" in err and "animals, food" in err and "\n" not in err
+    assert not (tmp_path / "typo.csv").exists() and not list(tmp_path.glob("typo.csv*"))

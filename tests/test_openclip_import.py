@@ -187,6 +187,27 @@ def test_timm_trunk_with_quickgelu_text_from_a_plain_checkpoint(tmp_path):
     assert saved["image"]["name"] == "test_vit" and saved["text"]["hf_config"]["hidden_act"] == "quick_gelu"
 
 
+def test_timm_trunk_with_an_mlp_projection_head(tmp_path):
+    # timm_proj mlp: OpenCLIP's head is timm's Mlp (fc1 with bias, GELU, bias-free fc2), as is
+    # clip_train's model.image_proj=mlp
+    cfg = {
+        "embed_dim": 24,
+        "custom_text": True,
+        "vision_cfg": {**TIMM_TRUNK, "timm_proj": "mlp"},
+        "text_cfg": TEXT,
+    }
+    config, checkpoint, openclip_model = _write(tmp_path, cfg, seed=5, style="safetensors")
+    out = import_openclip(config, checkpoint, tmp_path / "imported")
+    model = _assert_same_as_openclip(out, openclip_model, cfg)
+    assert model.cfg.image_proj == "mlp" and model.image_proj.fc1.out_features == 48
+
+    biased = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "timm_proj_bias": True}}
+    (tmp_path / "biased_src").mkdir()
+    config, checkpoint, _ = _write(tmp_path / "biased_src", biased, seed=5, style="plain")
+    with pytest.raises(OpenClipImportError, match="timm_proj_bias is not supported"):
+        import_openclip(config, checkpoint, tmp_path / "biased")
+
+
 def test_hugging_face_text_tower_from_a_local_folder(tmp_path):
     from transformers import BertConfig, BertModel
 

@@ -72,14 +72,14 @@ def test_per_tower_multipliers_and_layer_wise_decay_on_a_real_model():
             lr_of[id(p)] = group["lr"]
     params = dict(model.named_parameters())
     depths = layer_depths(model)
-    # the tiny BERT: embeddings 0, layers 1-2, top 3 (nothing after the stack: its pooler is dropped)
-    assert depths["text.transformer.embeddings.word_embeddings.weight"] == (0, 3)
-    assert depths["text.transformer.encoder.layer.1.output.dense.weight"] == (2, 3)
-    assert lr_of[id(params["text.transformer.encoder.layer.1.output.dense.weight"])] == pytest.approx(
-        0.5 * 0.5
-    )
+    # the tiny BERT: embeddings 0, layers 1-2; nothing follows the stack (its pooler is dropped), so
+    # the last layer is the top and learns at the tower's lr
+    assert depths["text.transformer.embeddings.word_embeddings.weight"] == (0, 2)
+    assert depths["text.transformer.encoder.layer.1.output.dense.weight"] == (2, 2)
+    assert depths["text.transformer.encoder.layer.0.output.dense.weight"] == (1, 2)
+    assert lr_of[id(params["text.transformer.encoder.layer.1.output.dense.weight"])] == pytest.approx(0.5)
     assert lr_of[id(params["text.transformer.embeddings.word_embeddings.weight"])] == pytest.approx(
-        0.5 * 0.5**3
+        0.5 * 0.5**2
     )
     image_names = [n for n in params if n.startswith("visual.")]
     first, last = image_names[0], image_names[-1]  # the stem, the head

@@ -35,6 +35,15 @@ def test_feature_cache_needs_a_fully_locked_image_tower():
     check_run_config(cfg)
 
 
+def test_wise_ft_without_evaluation_tasks_is_refused_before_training():
+    cfg = load_config(["configs/tiny.yaml"], TINY + ["finetune.wise_alphas=[0, 1]", "eval.zeroshot=[]"])
+    cfg.data.val_shards = ""
+    with pytest.raises(ConfigError, match="needs evaluation tasks"):
+        check_run_config(cfg)
+    cfg.data.val_shards = "/data/val.tar"
+    check_run_config(cfg)
+
+
 def test_feature_cache_returns_the_towers_output_and_computes_each_sample_once():
     cfg = load_config(["configs/tiny.yaml"], TINY + ["model.image.lock=true"])
     torch.manual_seed(0)

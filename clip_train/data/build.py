@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         "--category-col", default="", help="optional column stored as the sample's json category (a class)"
     )
     manifest.add_argument(
-        "--sep", default="auto", help="auto (by extension), tab, comma, jsonl or a character"
+        "--sep",
+        default="auto",
+        help="auto (JSONL by extension or a JSON first line, else the separator that splits the header "
+        "into the most columns), tab, comma, jsonl or a character",
     )
 
     # reads shards and writes no shards: not a child of `common` (no --out, no stats.json check)

@@ -479,8 +479,9 @@ def manifest_records(
     category_col: str = "",
 ) -> Iterator[Record]:
     """Rows of a CSV, TSV or JSONL manifest: `image_col` holds an image path (relative to the
-    manifest's folder unless absolute), `caption_col` the caption. `sep="auto"` picks the format
-    from the file extension (.csv, .tsv, .jsonl) and otherwise from the first line."""
+    manifest's folder unless absolute), `caption_col` the caption. `sep="auto"`: .jsonl/.json files and
+    files whose first line is a JSON object are JSONL; otherwise the header line decides the separator
+    (the one among , tab ; | that splits it into the most columns; the extension's own on a tie)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist: pass a CSV, TSV or JSONL file")

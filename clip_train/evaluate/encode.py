@@ -98,8 +98,8 @@ def encode_texts(model, tokenizer, texts: Sequence[str], ctx: EvalContext) -> to
 class InferenceTowers:
     """Per model version, an inference-only image tower: traced by TorchScript, frozen and
     optimised for inference, which folds BatchNorm into the convolutions and (on CPU) picks oneDNN
-    kernels. Same weights, same function to fp32 rounding (~1e-6 relative), about 1.5x the images
-    per second of the eager tower for EfficientNet-Lite0 on this CPU (benchmarks/eval.py).
+    kernels. Same weights, same function to fp32 rounding (~1e-6 relative); for EfficientNet-Lite0 on this
+    CPU, in chunks of 8, ~1.25x the images per second of the eager tower (benchmarks/eval.py).
 
     Used in fp32 only (tracing under autocast would bake one precision's casts in); a tower that
     cannot be traced (data-dependent control flow) is used as it is. Rebuilt when the weights change

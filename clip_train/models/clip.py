@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from timm.layers import Mlp
 from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig, build_dataclass
@@ -35,9 +36,15 @@ class ClipModel(nn.Module):
         self.visual = build_image_tower(cfg.image)
         self.text = build_text_tower(cfg.text)
         # New projections (no bias, as in CLIP) map both towers' features into the shared space.
-        self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
+        if cfg.image_proj == "mlp":
+            # timm's Mlp, as OpenCLIP's TimmModel builds its "mlp" head (same names: fc1, fc2)
+            self.image_proj = Mlp(
+                self.visual.num_features, 2 * cfg.embed_dim, cfg.embed_dim, bias=(True, False)
+            )
+        else:
+            self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
+            nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
         self.text_proj = nn.Linear(self.text.num_features, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
         nn.init.normal_(self.text_proj.weight, std=self.text.num_features**-0.5)
         # Learnable log inverse temperature; the logits use exp(logit_scale). A learnable logit
         # bias exists only when configured (SigLIP); InfoNCE is invariant to it.

@@ -187,11 +187,8 @@ def _check_config(cfg: dict, name: str, bundled: bool) -> None:
                 f"vision_cfg.timm_pool={vision['timm_pool']}",
                 "attention pooling heads have no timm tower here",
             )
-        proj = vision.get("timm_proj", "linear")
-        if proj == "mlp":
-            _refuse("vision_cfg.timm_proj=mlp", "clip_train projects with one bias-free linear layer")
-        if proj == "linear" and vision.get("timm_proj_bias"):
-            _refuse("vision_cfg.timm_proj_bias", "clip_train's projections have no bias")
+        if vision.get("timm_proj", "linear") in ("linear", "mlp") and vision.get("timm_proj_bias"):
+            _refuse("vision_cfg.timm_proj_bias", "clip_train's projections have no output bias")
     elif isinstance(vision.get("layers"), (list, tuple)):
         _refuse(
             "a ModifiedResNet image tower (vision_cfg.layers is a list, as in RN50)", "no timm mapping here"
@@ -526,8 +523,9 @@ def check_timm_trunk(vision: dict) -> str:
     return name
 
 
-def convert_timm_trunk(visual: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(tower state dict, image_proj weight) from OpenCLIP's TimmModel (trunk + head)."""
+def convert_timm_trunk(visual: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | dict]:
+    """(tower state dict, image_proj weight) from OpenCLIP's TimmModel (trunk + head); for an mlp
+    head, the image_proj state dict (fc1.weight, fc1.bias, fc2.weight) instead of a weight."""
     trunk = visual.trunk
     state = {k: v.detach() for k, v in trunk.state_dict().items()}
     head = trunk.get_classifier() if hasattr(trunk, "get_classifier") else None
@@ -541,6 +539,9 @@ def convert_timm_trunk(visual: nn.Module, name: str) -> tuple[dict[str, torch.Te
     linear = getattr(visual.head, "proj", None)
     if isinstance(linear, nn.Linear):
         return state, linear.weight.detach()
+    mlp = getattr(visual.head, "mlp", None)
+    if mlp is not None:  # timm_proj mlp: clip_train's model.image_proj=mlp has the same layers and names
+        return state, {"fc1.weight": mlp.fc1.weight, "fc1.bias": mlp.fc1.bias, "fc2.weight": mlp.fc2.weight}
     return state, _identity(trunk.num_features)
 
 
@@ -762,10 +763,12 @@ def import_openclip_report(
             openclip_pad = 0  # SimpleTokenizer pads with zeros
     except OpenClipImportError as e:
         raise OpenClipImportError(f"{name}: {e}") from None
-    if image_proj.shape[0] != text_proj.shape[0]:
+    image_proj_kind = "mlp" if isinstance(image_proj, dict) else "linear"
+    image_proj = image_proj if isinstance(image_proj, dict) else {"weight": image_proj}
+    embed_dim = image_proj["fc2.weight" if image_proj_kind == "mlp" else "weight"].shape[0]
+    if embed_dim != text_proj.shape[0]:
         raise OpenClipImportError(
-            f"{name}: the image embedding has {image_proj.shape[0]} dims, the text embedding "
-            f"{text_proj.shape[0]}"
+            f"{name}: the image embedding has {embed_dim} dims, the text embedding {text_proj.shape[0]}"
         )
 
     logit_scale = openclip_model.logit_scale.detach().reshape(())
@@ -798,7 +801,8 @@ def import_openclip_report(
                 pooling=pooling,
                 context_length=int(text.get("context_length", 77)),
             ),
-            embed_dim=int(image_proj.shape[0]),
+            embed_dim=int(embed_dim),
+            image_proj=image_proj_kind,
             init_logit_scale=float(logit_scale),
             init_logit_bias=None if logit_bias is None else float(logit_bias),
         )
@@ -809,9 +813,8 @@ def import_openclip_report(
             clip_model = ClipModel(model_cfg)
         state = {f"visual.{k}": v for k, v in image_state.items()}
         state.update({f"text.transformer.{k}": v for k, v in text_state.items()})
-        state.update(
-            {"image_proj.weight": image_proj, "text_proj.weight": text_proj, "logit_scale": logit_scale}
-        )
+        state.update({f"image_proj.{k}": v.detach() for k, v in image_proj.items()})
+        state.update({"text_proj.weight": text_proj, "logit_scale": logit_scale})
         if logit_bias is not None:
             state["logit_bias"] = logit_bias
         # own contiguous copies: q/k/v chunks and transposes are views that share (or misorder) storage
