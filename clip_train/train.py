@@ -22,12 +22,13 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 
 from clip_train import checkpoint
@@ -241,6 +242,11 @@ def main(cfg: RunConfig) -> dict:
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=use_cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.finetune.wise_alphas and accelerator.distributed_type == DistributedType.FSDP:
+        # the sweep interpolates the unwrapped module's weights in place, which FSDP holds as shards
+        raise ConfigError(
+            "finetune.wise_alphas is not supported under FSDP: launch with DDP or drop the sweep"
+        )
     init_folder = None
     if cfg.model.init_from:  # fine-tuning a saved model: its architecture, this run's locks
         init_folder = find_model_folder(cfg.model.init_from)
@@ -330,15 +336,24 @@ def main(cfg: RunConfig) -> dict:
 
     unwrapped = accelerator.unwrap_model(model)
 
-    def export_model(folder: Path) -> None:
-        unwrapped.save_pretrained(folder, tokenizer)
+    def export_model(folder: Path, state: dict | None = None) -> None:
+        unwrapped.save_pretrained(folder, tokenizer, state_dict=state)
+
+    def gathered_exporter():
+        """export_model for the main process, to be made on every process: under FSDP each holds
+        only its shards, and accelerator.get_state_dict gathers the full weights (a collective).
+        Not tested here (FSDP needs GPUs); DDP and single-process runs write the module's own."""
+        if accelerator.distributed_type != DistributedType.FSDP:
+            return export_model
+        return partial(export_model, state=accelerator.get_state_dict(model))
 
     # WiSE-FT interpolates towards the weights training started from: a saved model when fine-tuning
     # one (init_from), else the model as built at step 0, saved once so a resumed run has it too.
     start_model_dir = init_folder or run_dir / "start_model"
     if cfg.finetune.wise_alphas and init_folder is None and resume_from is None:
+        exporter = gathered_exporter()
         if accelerator.is_main_process:
-            export_model(start_model_dir)
+            exporter(start_model_dir)
         accelerator.wait_for_everyone()
 
     def evaluate(step: int) -> dict:
@@ -558,7 +573,7 @@ def main(cfg: RunConfig) -> dict:
         if due(state.step, cfg.train.ckpt_every, total):
             meta = {**expected_meta, "samples_seen": state.samples_seen}
             state.gather_data_state()
-            checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
+            checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, gathered_exporter())
             if state.step < total:
                 state.data_pass, state.data_positions, state.data_next_worker = 0, {}, 0
                 loader = make_loader(state.step)  # a new segment starts (see the module docstring)
@@ -569,7 +584,9 @@ def main(cfg: RunConfig) -> dict:
             if not due(state.step, cfg.train.ckpt_every, total):  # else just saved
                 meta = {**expected_meta, "samples_seen": state.samples_seen}
                 state.gather_data_state()
-                checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, export_model)
+                checkpoint.save(
+                    accelerator, run_dir, state.step, meta, cfg.train.keep_last, gathered_exporter()
+                )
             logger.log("preempted", state.step, {"samples_seen": state.samples_seen})
             logger.close()
             accelerator.end_training()
@@ -584,8 +601,9 @@ def main(cfg: RunConfig) -> dict:
     wise = None
     if cfg.finetune.wise_alphas:
         wise = run_wise_ft(unwrapped, start_model_dir, cfg, tokenizer, eval_transform, accelerator, run_dir)
+    exporter = gathered_exporter()
     if accelerator.is_main_process:
-        export_model(run_dir / "model")
+        exporter(run_dir / "model")
         summary = {"step": state.step, "samples_seen": state.samples_seen, **eval_metrics}
         if wise is not None:
             summary["wise"] = wise

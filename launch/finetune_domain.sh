@@ -9,13 +9,18 @@
 #
 # BASE: the model to start from (a run directory, checkpoint or model folder; default runs/demo,
 # which launch/quickstart.sh trains first when it is missing). RUN_DIR: where the fine-tuned run
-# goes (default runs/finetune-domain). With a category column (the demo has one) the domain's
+# goes (default runs/finetune-domain for the demo, runs/finetune-<manifest or folder name> otherwise, so
+# that another domain does not land in, and resume, the demo's run). With a category column (the demo has one) the domain's
 # held-out images are also classified zero-shot by category. Overrides go to clip-train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${CLIP_TRAIN_CACHE:-$HOME/.cache/clip_train}
 BASE=${BASE:-runs/demo}
-RUN_DIR=${RUN_DIR:-runs/finetune-domain}
+# the domain's name: its shard folder's, its zero-shot metric's (<folder>/acc1) and its run's
+name=demo
+[ -n "${DOMAIN_MANIFEST:-}" ] && name=$(basename "${DOMAIN_MANIFEST%.*}")
+[ -n "${DOMAIN_FOLDER:-}" ] && name=$(basename "$DOMAIN_FOLDER")
+if [ "$name" = demo ]; then RUN_DIR=${RUN_DIR:-runs/finetune-domain}; else RUN_DIR=${RUN_DIR:-runs/finetune-$name}; fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
 
 bash launch/install.sh demo
@@ -28,11 +33,7 @@ if [ ! -e "$BASE" ]; then
   RUN_DIR=runs/demo bash launch/quickstart.sh
 fi
 
-# ---- the domain's shards: one folder per input (clip-data reuses a finished folder), whose name is
-# the zero-shot metric's (<folder>/acc1)
-name=demo
-[ -n "${DOMAIN_MANIFEST:-}" ] && name=$(basename "${DOMAIN_MANIFEST%.*}")
-[ -n "${DOMAIN_FOLDER:-}" ] && name=$(basename "$DOMAIN_FOLDER")
+# ---- the domain's shards: one folder per input (clip-data reuses a finished folder)
 SHARDS=${DOMAIN_SHARDS:-$CACHE/finetune/domain-$name}
 CATEGORY_COL=${CATEGORY_COL:-}
 if [ -n "${DOMAIN_MANIFEST:-}" ]; then

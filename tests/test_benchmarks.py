@@ -49,7 +49,10 @@ def test_eval_benchmark_quick_mode_times_both_sides_at_equal_accuracy(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     sides = result["sides"]
-    assert set(sides) == {"clip_train_cold", "clip_train_warm", "open_clip"}
+    assert set(sides) == {"clip_train_cold", "clip_train_warm", "open_clip", "open_clip_small_batch"}
+    assert result["meta"]["open_clip_small_batch"] == result["meta"]["clip_train_image_chunk"] == 8
+    # both sides' image forward is timed (clip_train's runs through its chunked, traced tower)
+    assert all(s["median_run"]["forward_s"] > 0 for s in sides.values())
     assert all(s["images_per_s"] > 0 for s in sides.values())
     # the same model, images and prompts under the same protocol: the same predictions
     top1 = {name: s["acc1"] for name, s in sides.items()}

@@ -125,13 +125,15 @@ class ClipModel(nn.Module):
         )
         return dataclasses.replace(self.cfg, image=image, text=text, init_from="")
 
-    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+    def save_pretrained(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
+        """state_dict: the weights to write instead of this module's own (e.g. gathered from FSDP shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"format": "clip_train", "model": dataclasses.asdict(self.portable_config())}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
         # contiguous(): channels_last weights are not contiguous, and safetensors stores plain layout.
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / TOKENIZER_DIR)

@@ -14,7 +14,7 @@ The folder is exactly what ClipModel.save_pretrained writes. How the towers map:
          building the candidates on the meta device and comparing them with the ViT the config describes),
          weights renamed by timm's own OpenAI-CLIP converter; visual.proj -> image_proj (transposed).
          A timm trunk (vision_cfg.timm_model_name) -> the same timm model; its bias-free linear head, or
-         no head, -> image_proj.
+         no head, -> image_proj; its mlp head (timm_proj mlp) -> image_proj with model.image_proj=mlp.
   text   OpenCLIP's own text transformer -> transformers' CLIPTextModel (fused q/k/v split), eos pooling;
          the CLIP BPE tokenizer -> a CLIPTokenizer folder plus one pad token (see write_clip_tokenizer).
          A Hugging Face text tower (text_cfg.hf_model_name, a local folder) -> the same model, with mean
