@@ -109,10 +109,17 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        by_rank = {int(r): d for r, d in state.get("data_by_rank", {}).items()}
-        # A rank the checkpoint has no entry for (more processes than it was saved with, accepted
-        # by train.allow_resume_change) starts its segment's stream from the beginning.
-        mine = by_rank.get(self.rank, {})
+        if "data_by_rank" in state:
+            by_rank = {int(r): d for r, d in state["data_by_rank"].items()}
+            # A rank the checkpoint has no entry for (more processes than it was saved with, accepted
+            # by train.allow_resume_change) starts its segment's stream from the beginning.
+            mine = by_rank.get(self.rank, {})
+        else:  # a checkpoint from before per-rank data state: its one (main process's) state for all
+            mine = {
+                "pass": state.get("data_pass", 0),
+                "positions": state.get("data_positions", {}),
+                "next_worker": state.get("data_next_worker", 0),
+            }
         self.data_pass = int(mine.get("pass", 0))
         self.data_positions = {int(w): int(n) for w, n in mine.get("positions", {}).items()}
         self.data_next_worker = int(mine.get("next_worker", 0))

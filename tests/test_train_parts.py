@@ -66,3 +66,31 @@ def test_feature_cache_returns_the_towers_output_and_computes_each_sample_once()
         direct = model(images, tokens)[0]
         via_cache = model(None, tokens, image_features=first)[0]
     assert torch.allclose(direct, via_cache, atol=1e-6)
+
+
+def test_train_state_keeps_each_ranks_data_stream_and_reads_older_checkpoints():
+    from clip_train.train import TrainState
+
+    saved = TrainState(step=7, samples_seen=56, rank=0)
+    saved.data_by_rank = {0: {"pass": 1, "positions": {0: 30}, "next_worker": 1},
+                          1: {"pass": 0, "positions": {0: 31, 1: 29}, "next_worker": 0}}  # fmt: skip
+    state = saved.state_dict()
+    ranks = [TrainState(rank=r) for r in (0, 1, 2)]
+    for train_state in ranks:
+        train_state.load_state_dict(state)
+    assert [(t.step, t.data_pass, t.data_positions, t.data_next_worker) for t in ranks] == [
+        (7, 1, {0: 30}, 1),
+        (7, 0, {0: 31, 1: 29}, 0),
+        (7, 0, {}, 0),  # no entry (more processes than saved): the segment's stream from its start
+    ]
+    # the format before per-rank state: one stream state, taken by every rank as it used to be
+    legacy = {
+        "step": 3,
+        "samples_seen": 24,
+        "data_pass": 2,
+        "data_positions": {"1": 12},
+        "data_next_worker": 1,
+    }
+    old = TrainState(rank=1)
+    old.load_state_dict(legacy)
+    assert (old.step, old.data_pass, old.data_positions, old.data_next_worker) == (3, 2, {1: 12}, 1)
