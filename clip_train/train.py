@@ -307,7 +307,6 @@ def main(cfg: RunConfig) -> dict:
     feature_cache = None
     if cfg.train.cache_image_features:
         feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
-    if feature_cache is not None:
         train_transform = eval_transform  # one fixed view per sample (see ImageFeatureCache)
     loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
     optimizer = build_optimizer(model, cfg.optim)
@@ -353,6 +352,12 @@ def main(cfg: RunConfig) -> dict:
         if accelerator.distributed_type != DistributedType.FSDP:
             return export_model
         return partial(export_model, state=accelerator.get_state_dict(model))
+
+    def save_checkpoint() -> None:
+        """Every process: the full state at state.step, every rank's data stream included."""
+        state.gather_data_state()
+        meta = {**expected_meta, "samples_seen": state.samples_seen}
+        checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, gathered_exporter())
 
     # WiSE-FT interpolates towards the weights training started from: a saved model when fine-tuning
     # one (init_from), else the model as built at step 0, saved once so a resumed run has it too.
@@ -578,9 +583,7 @@ def main(cfg: RunConfig) -> dict:
             eval_metrics = evaluate(state.step)
             last_eval_step = state.step
         if due(state.step, cfg.train.ckpt_every, total):
-            meta = {**expected_meta, "samples_seen": state.samples_seen}
-            state.gather_data_state()
-            checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, gathered_exporter())
+            save_checkpoint()
             if state.step < total:
                 state.data_pass, state.data_positions, state.data_next_worker = 0, {}, 0
                 loader = make_loader(state.step)  # a new segment starts (see the module docstring)
@@ -589,11 +592,7 @@ def main(cfg: RunConfig) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
         if state.step < total and preempt:
             if not due(state.step, cfg.train.ckpt_every, total):  # else just saved
-                meta = {**expected_meta, "samples_seen": state.samples_seen}
-                state.gather_data_state()
-                checkpoint.save(
-                    accelerator, run_dir, state.step, meta, cfg.train.keep_last, gathered_exporter()
-                )
+                save_checkpoint()
             logger.log("preempted", state.step, {"samples_seen": state.samples_seen})
             logger.close()
             accelerator.end_training()
