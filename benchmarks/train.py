@@ -529,7 +529,7 @@ def child_profile(opts) -> dict:
     from clip_train.data.pipeline import build_train_loader
     from clip_train.loss.contrastive import ContrastiveLoss
     from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
-    from clip_train.models.towers import build_image_transforms, build_tokenizer
+    from clip_train.models.towers import batch_normalizer, build_image_transforms, build_tokenizer
     from clip_train.optim import build_optimizer
 
     register_timm_models()
@@ -542,9 +542,10 @@ def child_profile(opts) -> dict:
     load_saved_weights(ours, folder)
     theirs = open_clip.create_model(f"local-dir:{opts.openclip_dir}", precision="fp32", device="cpu")
     tokenizer = build_tokenizer(cfg.model.text)
-    transform, _ = build_image_transforms(
-        ours.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
-    )
+    # as train.py: the workers stop at uint8, clip_train normalises the batch in its step
+    crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
+    transform, _ = build_image_transforms(ours.visual, cfg.model.image, crop_scale=crop_scale, uint8=True)
+    normalize = batch_normalizer(ours.visual, cfg.model.image, reuse=1)
     loader = build_train_loader(
         cfg.data.train_shards, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=0,
         rank=0, world_size=1, transform=transform, tokenize=tokenizer, decode_size=cfg.model.image.image_size,
@@ -576,7 +577,7 @@ def child_profile(opts) -> dict:
 
     def step_ours(images, tokens, times):
         t0 = time.perf_counter()
-        image_emb = ours.encode_image(images)
+        image_emb = ours.encode_image(normalize(images))
         t1 = time.perf_counter()
         text_emb = ours.encode_text(tokens)
         t2 = time.perf_counter()
@@ -594,6 +595,7 @@ def child_profile(opts) -> dict:
         times.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5])
 
     def step_theirs(images, tokens, times):
+        images = normalize(images)  # done in OpenCLIP's loader workers, so not timed
         theirs_opt.zero_grad()
         t0 = time.perf_counter()
         image_emb = theirs.encode_image(images, normalize=True)
@@ -615,6 +617,7 @@ def child_profile(opts) -> dict:
     # the same weights on the same batch give the same loss (eval mode: no dropout)
     with torch.no_grad():
         images, tokens = batches[0]
+        images = normalize(images)
         same_batch_loss = [
             float(clip_loss(*ours.eval()(images, tokens)[:3], None)),
             float(oc_loss(theirs.eval().encode_image(images, True), theirs.encode_text(tokens, True),

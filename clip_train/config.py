@@ -49,7 +49,8 @@ class ImageTowerConfig:
     # Input normalisation; empty = what the weights expect (packaged weights' table, else timm's).
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
-    # Run convolutions in NHWC layout: about 2x faster on CPU for EfficientNet-style towers.
+    # Run convolutions in NHWC layout: about 2x faster on CPU for EfficientNet-style towers. Set it
+    # false for ViT-style towers: their one patchifying convolution is slower in NHWC on CPU.
     channels_last: bool = True
 
 

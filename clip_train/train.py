@@ -50,7 +50,7 @@ from clip_train.finetune import default_metrics, format_wise_table, wise_ft_swee
 from clip_train.flops import FlopMetrics, count_training_flops
 from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
-from clip_train.models.towers import build_image_transforms, build_tokenizer
+from clip_train.models.towers import batch_normalizer, build_image_transforms, build_tokenizer
 from clip_train.optim import build_optimizer, build_scheduler, trainable_summary
 from clip_train.tracking import MetricsLogger
 
@@ -296,9 +296,15 @@ def main(cfg: RunConfig) -> dict:
     if cfg.train.compile:
         model.compile(backend=cfg.train.compile_backend)
     tokenizer = build_tokenizer(cfg.model.text)
-    train_transform, eval_transform = build_image_transforms(
-        model.visual, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
+    # The training loader's workers stop at uint8 images; next_micro_batch normalises the batch on
+    # the device (see BatchNormalize). Evaluation keeps the float transform.
+    crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
+    train_transform, train_view_transform = build_image_transforms(
+        model.visual, cfg.model.image, crop_scale=crop_scale, uint8=True
     )
+    _, eval_transform = build_image_transforms(model.visual, cfg.model.image)
+    # one buffer per micro-batch of a step: a step holds all of its micro-batches (see reuse)
+    normalize_images = batch_normalizer(model.visual, cfg.model.image, reuse=cfg.train.accum_steps)
     # The run directory is made only once the model is built: a bad model setting leaves nothing.
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +313,7 @@ def main(cfg: RunConfig) -> dict:
     feature_cache = None
     if cfg.train.cache_image_features:
         feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
-        train_transform = eval_transform  # one fixed view per sample (see ImageFeatureCache)
+        train_transform = train_view_transform  # one fixed view per sample (see ImageFeatureCache)
     loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
@@ -468,6 +474,7 @@ def main(cfg: RunConfig) -> dict:
                 ) from None
         window["data_wait"] += time.perf_counter() - fetch_start
         images, tokens, keys = batch[0].to(accelerator.device), batch[1].to(accelerator.device), batch[3]
+        images = normalize_images(images)
         data_counts.add_sources(batch[4])
         for worker, position in batch[5]:  # positions only grow within a worker's stream
             state.data_positions[worker] = max(position, state.data_positions.get(worker, 0))

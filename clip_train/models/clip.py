@@ -21,6 +21,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig, build_dataclass
+from clip_train.models.dropout import swap_dropout
 from clip_train.models.pretrained import WeightsMismatchError
 from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer, image_normalization
 
@@ -55,6 +56,7 @@ class ClipModel(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
         if cfg.image.channels_last:
             self.visual.to(memory_format=torch.channels_last)
+        swap_dropout(self)  # the same dropout, faster masks on the CPU (models/dropout.py)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the towers' activations in the backward instead of storing them (less memory,
