@@ -80,6 +80,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"demo": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "tiny.yaml"}
+# The demo model these figures were published with: configs/demo.yaml's, with the EfficientNet-Lite0
+# image tower at 224 px it had until 2026-11-26 (the demo recipe now uses Lite2 at 260 px).
+MODEL_OVERRIDES = {
+    "demo": [
+        "model.image.name=tf_efficientnet_lite0",
+        "model.image.pretrained=package:efficientnet-lite0",
+        "model.image.image_size=224",
+    ],
+    "tiny": [],
+}
 SIDES = ("openclip", "clip_train_draft_off", "clip_train_draft_on")
 TARGET_RATIO = 1.5  # the issue's target for clip_train / OpenCLIP images/s
 SHARDS_NAME = "bench_shards_1024"
@@ -206,7 +216,8 @@ def clip_train_preprocessing(model: str, kind: str):
     )
 
     # run_dir and train_shards are required by the run schema but unused here
-    cfg = load_config([CONFIGS[model]], ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"])
+    unused = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
+    cfg = load_config([CONFIGS[model]], unused + MODEL_OVERRIDES[model])
     tower = build_image_tower(cfg.model.image)  # the transform's mean/std come from the weights' config
     crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
     # training's loader ends at uint8 images (the step normalises the batch: BatchNormalize);

@@ -3,11 +3,12 @@
     python benchmarks/eval.py                  # demo model, 1,000 Fashion-MNIST test images, 80 templates
     python benchmarks/eval.py --quick          # seconds: tiny model, 40 generated images (used by the tests)
 
-One model (a ClipModel from configs/demo.yaml's model section: pretrained EfficientNet-Lite0 and
-MiniLM with untrained projections, which does not matter for speed; `--model tiny` for
-configs/tiny.yaml), the same images (Fashion-MNIST's test split, an evenly spaced subset of
-`--limit`), the same eval transform and the same prompts (`--templates`, default the 80 OpenAI
-ImageNet templates OpenCLIP users evaluate with), in one process:
+One model (a ClipModel from configs/demo.yaml's model section with its earlier image tower,
+pretrained EfficientNet-Lite0 at 224 px, and MiniLM with untrained projections, which does not
+matter for speed; `--model tiny` for configs/tiny.yaml), the same images (Fashion-MNIST's test
+split, an evenly spaced subset of `--limit`), the same eval transform and the same prompts
+(`--templates`, default the 80 OpenAI ImageNet templates OpenCLIP users evaluate with), in one
+process:
 
 - clip_train cold: `run_evaluation` with one ZeroShotTask (no plots, no output folder) after the
   evaluator's classifier cache has been replaced by an empty one, so the class embeddings are encoded;
@@ -80,6 +81,16 @@ from clip_train.models.towers import build_image_transforms, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"demo": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "tiny.yaml"}
+# The demo model these figures were published with: configs/demo.yaml's, with the EfficientNet-Lite0
+# image tower at 224 px it had until 2026-11-26 (the demo recipe now uses Lite2 at 260 px).
+MODEL_OVERRIDES = {
+    "demo": [
+        "model.image.name=tf_efficientnet_lite0",
+        "model.image.pretrained=package:efficientnet-lite0",
+        "model.image.image_size=224",
+    ],
+    "tiny": [],
+}
 SIDES = ("clip_train_cold", "clip_train_warm", "open_clip", "open_clip_small_batch")
 WARMUP_IMAGES = 8
 TOP1_TOLERANCE = 1e-6
@@ -100,7 +111,7 @@ QUICK_PER_CLASS = 4  # 5 colours x 2 shapes = 10 classes (so top-5 exists), 40 i
 
 def build_model(name: str, device: torch.device):
     # run_dir and train_shards are required by the run schema but unused here
-    cfg = load_config([CONFIGS[name]], ["run_dir=/tmp/x", "data.train_shards=/tmp/x"])
+    cfg = load_config([CONFIGS[name]], ["run_dir=/tmp/x", "data.train_shards=/tmp/x"] + MODEL_OVERRIDES[name])
     torch.manual_seed(0)  # the untrained projections (and the tiny model): the same top-1 every run
     model = ClipModel(cfg.model).to(device).eval()
     tokenizer = build_tokenizer(cfg.model.text)

