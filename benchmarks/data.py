@@ -75,21 +75,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_models import CONFIGS, MODEL_OVERRIDES  # benchmarks/ is on sys.path
+
 # Only the standard library at module level: the OpenCLIP child runs this file in its own venv,
 # where clip_train's pipeline (webdataset 1.x) must not be imported.
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"demo": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "tiny.yaml"}
-# The demo model these figures were published with: configs/demo.yaml's, with the EfficientNet-Lite0
-# image tower at 224 px it had until 2026-11-26 (the demo recipe now uses Lite2 at 260 px).
-MODEL_OVERRIDES = {
-    "demo": [
-        "model.image.name=tf_efficientnet_lite0",
-        "model.image.pretrained=package:efficientnet-lite0",
-        "model.image.image_size=224",
-    ],
-    "tiny": [],
-}
+
 SIDES = ("openclip", "clip_train_draft_off", "clip_train_draft_on")
 TARGET_RATIO = 1.5  # the target for clip_train / OpenCLIP images/s
 SHARDS_NAME = "bench_shards_1024"

@@ -69,6 +69,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from bench_models import CONFIGS, MODEL_OVERRIDES  # benchmarks/ is on sys.path
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from PIL import Image, ImageDraw
 
@@ -80,17 +81,7 @@ from clip_train.models.clip import ClipModel
 from clip_train.models.towers import build_image_transforms, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"demo": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "tiny.yaml"}
-# The demo model these figures were published with: configs/demo.yaml's, with the EfficientNet-Lite0
-# image tower at 224 px it had until 2026-11-26 (the demo recipe now uses Lite2 at 260 px).
-MODEL_OVERRIDES = {
-    "demo": [
-        "model.image.name=tf_efficientnet_lite0",
-        "model.image.pretrained=package:efficientnet-lite0",
-        "model.image.image_size=224",
-    ],
-    "tiny": [],
-}
+
 SIDES = ("clip_train_cold", "clip_train_warm", "open_clip", "open_clip_small_batch")
 WARMUP_IMAGES = 8
 TOP1_TOLERANCE = 1e-6
