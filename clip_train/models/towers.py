@@ -178,9 +178,10 @@ class BatchNormalize:
         self._buffers: list[torch.Tensor | None] = [None] * reuse
         self._turn = 0
 
-    def _output_for(self, images: torch.Tensor) -> torch.Tensor | None:
+    def _output_for(self, images: torch.Tensor) -> torch.Tensor:
+        """The float tensor to write this batch into: the next of the reused buffers, or a new one."""
         if not self.reuse:
-            return None
+            return torch.empty(images.shape, device=images.device, memory_format=self.memory_format)
         slot, self._turn = self._turn, (self._turn + 1) % self.reuse
         buffer = self._buffers[slot]
         if buffer is None or buffer.shape != images.shape or buffer.device != images.device:
@@ -193,13 +194,8 @@ class BatchNormalize:
             return images
         if self.mean.device != images.device:
             self.mean, self.inv_std = self.mean.to(images.device), self.inv_std.to(images.device)
-        out = self._output_for(images)
-        if out is not None:
-            return out.copy_(images).sub_(self.mean).mul_(self.inv_std)
-        # Cast first, then in-place float arithmetic on the plain layout, then the layout change:
-        # on CPU a mixed uint8-float op, or the per-channel ops on an NHWC tensor, take 2x longer.
-        images = images.float().sub_(self.mean).mul_(self.inv_std)
-        return images.contiguous(memory_format=self.memory_format)
+        # copy_ casts (and changes the layout) in one pass, into memory that is already there
+        return self._output_for(images).copy_(images).sub_(self.mean).mul_(self.inv_std)
 
 
 def batch_normalizer(model: nn.Module, cfg: ImageTowerConfig, reuse: int = 0) -> BatchNormalize:
