@@ -235,6 +235,10 @@ class TrainConfig:
     # reuse it. Training images then get the eval transform (no random crop), since a cached
     # feature stands for one fixed view. Memory: num_features floats per distinct training sample.
     cache_image_features: bool = False
+    # With cache_image_features: K > 1 keeps the random crop and flip as K fixed views per image
+    # (view v of an image is always the same augmentation); each pass draws one view per sample.
+    # Costs up to K tower passes per image and K x the cache memory (see ImageFeatureCache).
+    cache_image_views: int = 1
     # Peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16; 0 = unknown): with it, each
     # train record gets mfu = model FLOP/s per device / peak_flops (see clip_train/flops.py).
     peak_flops: float = 0.0
@@ -304,6 +308,9 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         fill_loss_defaults(cfg)
         if cfg.train.accum_steps < 1:
             raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+        if cfg.train.cache_image_views < 1:
+            views = cfg.train.cache_image_views
+            raise ConfigError(f"train.cache_image_views must be at least 1, got {views}")
         check_data_sources(cfg.data)
         if cfg.loss.block_size < 1:
             raise ConfigError(f"loss.block_size must be at least 1, got {cfg.loss.block_size}")

@@ -132,6 +132,8 @@ class ImageFeatureCache:
     Exact, not an approximation: the locked tower's BatchNorm layers are frozen (fixed statistics in
     any mode), timm towers built with num_classes=0 have no dropout on their features, and the
     training images get the deterministic eval transform, so recomputing gives the same values.
+    With train.cache_image_views K > 1 the keys carry the view (see build_train_loader's `views`),
+    each view a seeded augmentation, so this still holds per view.
     Not saved in checkpoints; a resumed run refills it with the same values.
     """
 
@@ -161,6 +163,11 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError(
             "train.cache_image_features needs a fully locked image tower: set model.image.lock=true, "
             "model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true"
+        )
+    if cfg.train.cache_image_views > 1 and not cfg.train.cache_image_features:
+        raise ConfigError(
+            f"train.cache_image_views={cfg.train.cache_image_views} needs train.cache_image_features=true "
+            "(or set train.cache_image_views=1)"
         )
 
 
@@ -313,7 +320,9 @@ def main(cfg: RunConfig) -> dict:
     feature_cache = None
     if cfg.train.cache_image_features:
         feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
-        train_transform = train_view_transform  # one fixed view per sample (see ImageFeatureCache)
+        if cfg.train.cache_image_views == 1:
+            train_transform = train_view_transform  # one fixed view per sample (see ImageFeatureCache)
+    views = (cfg.train.seed, cfg.train.cache_image_views) if cfg.train.cache_image_views > 1 else None
     loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
@@ -418,6 +427,7 @@ def main(cfg: RunConfig) -> dict:
             with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
             decode_size=cfg.model.image.image_size if cfg.data.fast_decode else None,
             skip_through=skip_through,
+            views=views,
         )
 
     # ---------------------------------------------------------------- loop

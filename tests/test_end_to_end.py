@@ -84,6 +84,26 @@ def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data
         assert summary[key] == pytest.approx(evals[-1][key])
 
 
+def test_cached_image_views_resume_exactly_and_augment(tmp_path, tiny_data):
+    # The feature cache is not checkpointed: the resumed run recomputes each view's features, which
+    # must be the values the uninterrupted run had cached, or the losses after the resume differ.
+    cached = ["model.image.lock=true", "train.cache_image_features=true"]
+    views = [*cached, "train.cache_image_views=3"]
+    straight = _train(tmp_path / "straight", tiny_data, *views)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _train(tmp_path / "resumed", tiny_data, *views, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9
+    resumed = _train(tmp_path / "resumed", tiny_data, *views)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+    # one fixed (eval) view per image trains on other inputs: the views are augmentations
+    one_view = _train(tmp_path / "one_view", tiny_data, *cached)
+    assert one_view.returncode == 0, one_view.stderr[-2000:]
+    single = _losses(tmp_path / "one_view")
+    assert single[1] != pytest.approx(want[1], abs=1e-4)
+
+
 def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
     proc = _train(tmp_path / "run", tiny_data, f"data.train_shards={tmp_path}/nope-{{000..002}}.tar")
     assert proc.returncode == 2

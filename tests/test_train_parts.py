@@ -35,6 +35,14 @@ def test_feature_cache_needs_a_fully_locked_image_tower():
     check_run_config(cfg)
 
 
+def test_cached_views_need_the_feature_cache_and_a_positive_count():
+    cfg = load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_views=3"])
+    with pytest.raises(ConfigError, match="needs train.cache_image_features=true"):
+        check_run_config(cfg)
+    with pytest.raises(ConfigError, match="train.cache_image_views must be at least 1, got 0"):
+        load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_views=0"])
+
+
 def test_wise_ft_without_evaluation_tasks_is_refused_before_training():
     cfg = load_config(["configs/tiny.yaml"], TINY + ["finetune.wise_alphas=[0, 1]", "eval.zeroshot=[]"])
     cfg.data.val_shards = ""
