@@ -75,8 +75,12 @@ class ClipModel(nn.Module):
                 f"the text model ({transformer.config.model_type}) does not support gradient checkpointing: "
                 "set train.grad_checkpointing=false"
             )
-        if enable:
-            transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reentrant = {"use_reentrant": False}
+        if enable and hasattr(transformer, "activation_checkpointing_enable"):
+            # transformers 5.x renamed it (the old name warns of its removal in v6)
+            transformer.activation_checkpointing_enable(activation_checkpointing_kwargs=reentrant)
+        elif enable:
+            transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
         else:
             transformer.gradient_checkpointing_disable()
 
