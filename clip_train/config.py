@@ -235,7 +235,7 @@ class TrainConfig:
     # reuse it. Training images then get the eval transform (no random crop), since a cached
     # feature stands for one fixed view. Memory: num_features floats per distinct training sample.
     cache_image_features: bool = False
-    # With cache_image_features: K > 1 keeps the random crop and flip as K fixed views per image
+    # With cache_image_features: K > 1 keeps the random crop (data.crop_scale_*) as K fixed views per image
     # (view v of an image is always the same augmentation); each pass draws one view per sample.
     # Costs up to K tower passes per image and K x the cache memory (see ImageFeatureCache).
     cache_image_views: int = 1
