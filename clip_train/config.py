@@ -52,6 +52,12 @@ class ImageTowerConfig:
     # Run convolutions in NHWC layout: about 2x faster on CPU for EfficientNet-style towers. Set it
     # false for ViT-style towers: their one patchifying convolution is slower in NHWC on CPU.
     channels_last: bool = True
+    # A locked feature ensemble: more timm towers, "timm_name=weights" (weights as in pretrained;
+    # "timm_name" alone for a saved model, whose weights come from its safetensors), run on the same
+    # images and normalisation; their pooled features are appended to this tower's. They are always
+    # frozen, BatchNorm included, so they cost only their forward pass (once per image with
+    # train.cache_image_features).
+    concat: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -141,6 +141,11 @@ def export_model(model_dir: str | Path, to: str, out: str | Path) -> ExportResul
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} already exists and is not empty: choose a new folder or remove it")
     model = ClipModel.from_pretrained(model_dir).eval()
+    if model.cfg.image.concat:
+        raise ExportError(
+            f"--to {to} cannot express model.image.concat (several image towers side by side): "
+            "neither OpenCLIP nor transformers has a concatenated image tower"
+        )
     tokenizer = load_tokenizer(model_dir)
     notes = _check_openclip(model) if to == "openclip" else _check_hf(model, tokenizer)
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from clip_train.config import load_config
+from clip_train.config import ImageTowerConfig, load_config
 from clip_train.models.clip import ClipModel, load_tokenizer
-from clip_train.models.towers import build_tokenizer
+from clip_train.models.towers import build_image_tower, build_tokenizer
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 
@@ -40,6 +40,22 @@ def test_save_and_from_pretrained_reproduce_embeddings_exactly(tmp_path, lock, i
         got = loaded.encode_image(images), loaded.encode_text(loaded_tokenizer(texts))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(loaded.logit_scale, model.logit_scale)
+
+
+def test_a_saved_model_with_concatenated_image_towers_loads_without_their_weights(tmp_path):
+    weights = tmp_path / "extra.pth"
+    torch.save(build_image_tower(ImageTowerConfig(name="test_efficientnet")).state_dict(), weights)
+    cfg, model = _model(f'model.image.concat=["test_efficientnet={weights}"]')
+    weights.unlink()  # the saved model must not need it
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model.encode_image(images)
+    model.save_pretrained(tmp_path / "m", build_tokenizer(cfg.model.text))
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model"]["image"]["concat"] == ["test_efficientnet"]  # the weights are in the file
+    loaded = ClipModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), want)
 
 
 def test_embeddings_are_unit_length_and_logit_scale_is_clamped():

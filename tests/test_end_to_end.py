@@ -104,6 +104,19 @@ def test_cached_image_views_resume_exactly_and_augment(tmp_path, tiny_data):
     assert single[1] != pytest.approx(want[1], abs=1e-4)
 
 
+def test_concatenated_locked_towers_train_from_the_cache_and_are_saved(tmp_path, tiny_data):
+    concat = ['model.image.concat=["test_resnet"]']
+    proc = _train(
+        tmp_path / "run", tiny_data, "model.image.lock=true", "train.cache_image_features=true", *concat
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["model"]["image"]["concat"] == ["test_resnet"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    # the cached features are both towers' side by side, or the wider projection could not take them
+    assert 0 <= results["retrieval/text_retrieval_recall@1"] <= 1
+
+
 def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
     proc = _train(tmp_path / "run", tiny_data, f"data.train_shards={tmp_path}/nope-{{000..002}}.tar")
     assert proc.returncode == 2

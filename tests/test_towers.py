@@ -242,6 +242,34 @@ def test_bad_paths_raise_one_line_errors(tmp_path):
         build_text_tower(TextTowerConfig(pretrained=str(tmp_path / "no-folder")))
 
 
+def test_concat_appends_the_locked_extra_towers_features():
+    torch.manual_seed(0)
+    model = build_image_tower(_image_cfg(concat=["test_efficientnet", "test_resnet"]))
+    main, *extras = model.towers
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    out = model(x)
+    assert out.shape == (2, sum(t.num_features for t in model.towers)) == (2, model.num_features)
+    with torch.no_grad():
+        want = torch.cat([t(x) for t in model.towers], dim=1)
+    assert torch.allclose(out, want, atol=1e-6)
+    # the configured tower trains; the extras are frozen, their BatchNorm statistics included
+    assert all(p.requires_grad for p in main.parameters())
+    assert not any(p.requires_grad for t in extras for p in t.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for t in extras for m in t.modules())
+    out.sum().backward()
+    assert all(p.grad is not None for p in main.parameters())
+
+
+def test_concat_entries_that_cannot_be_built_are_named_in_one_line():
+    with pytest.raises(ValueError, match=r"^model.image.concat entry test_efficientnt: .*did you mean"):
+        build_image_tower(_image_cfg(concat=["test_efficientnt"]))
+    # the extra towers see the main tower's input: weights trained on another normalisation are refused
+    # (the main test_efficientnet uses timm's ImageNet mean/std, the Lite0 weights 0.5/0.5)
+    with pytest.raises(ValueError, match=r"efficientnet-lite0 expects mean=\[0.5, 0.5, 0.5\]"):
+        build_image_tower(_image_cfg(concat=["tf_efficientnet_lite0=package:efficientnet-lite0"]))
+
+
 # ---------------------------------------------------------------------------------------------- text
 
 

@@ -121,7 +121,11 @@ class ClipModel(nn.Module):
 
     def portable_config(self) -> ModelConfig:
         mean, std = image_normalization(self.visual, self.cfg.image)
-        image = dataclasses.replace(self.cfg.image, pretrained="", lock=False, mean=mean, std=std)
+        # the extra towers keep their architectures; their weights are in the safetensors
+        concat = [spec.partition("=")[0].strip() for spec in self.cfg.image.concat]
+        image = dataclasses.replace(
+            self.cfg.image, pretrained="", lock=False, mean=mean, std=std, concat=concat
+        )
         text = dataclasses.replace(
             self.cfg.text,
             pretrained="",

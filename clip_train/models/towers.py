@@ -12,6 +12,7 @@ from local files or packages (models/pretrained.py); nothing here can reach a mo
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
@@ -41,7 +42,68 @@ POOLINGS = ("mean", "cls", "eos")
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
-    """A timm model without classifier (forward gives pooled features), with local weights and locking."""
+    """A timm model without classifier (forward gives pooled features), with local weights and locking;
+    with cfg.concat, a ConcatImageTowers of it and the locked extra towers."""
+    tower = _build_timm_tower(cfg)
+    if not cfg.concat:
+        return tower
+    main_normalisation = image_normalization(tower, cfg)
+    extras = []
+    for spec in cfg.concat:
+        name, _, weights = spec.partition("=")
+        extra_cfg = dataclasses.replace(
+            cfg,
+            name=name.strip(),
+            pretrained=weights.strip(),
+            weights_remap="",
+            lock=True,
+            unlocked_groups=0,
+            freeze_bn_stats=True,
+            concat=[],
+        )
+        _check_same_normalisation(main_normalisation, extra_cfg, spec)
+        try:
+            extras.append(_build_timm_tower(extra_cfg))
+        except ConfigError as e:  # its messages name model.image.name/pretrained: say which tower
+            raise ConfigError(f"model.image.concat entry {spec}: {e}") from None
+    return ConcatImageTowers([tower, *extras])
+
+
+def _check_same_normalisation(main: tuple, extra: ImageTowerConfig, spec: str) -> None:
+    """The extra towers see the main tower's input: refuse packaged weights trained on another one."""
+    pkg = image_package(extra.pretrained) if extra.pretrained else None
+    mean, std = main
+    if pkg is not None and (tuple(mean), tuple(std)) != (pkg.mean, pkg.std):
+        raise ConfigError(
+            f"model.image.concat entry {spec} expects mean={list(pkg.mean)} std={list(pkg.std)}, but the "
+            f"towers share model.image's input (mean={mean} std={std}): concatenate towers trained "
+            "with the same normalisation"
+        )
+
+
+class ConcatImageTowers(nn.Module):
+    """Several image towers on the same input; forward gives their pooled features side by side.
+
+    The first tower is the configured one (it may train); the others are locked (a frozen feature
+    ensemble: two ImageNet towers of different sizes see different things in clip art, and a linear
+    projection of both retrieves better than of either). timm-style entry points the rest of the code
+    uses (pretrained_cfg for the transforms, set_grad_checkpointing) refer to the first tower.
+    """
+
+    def __init__(self, towers: list[nn.Module]):
+        super().__init__()
+        self.towers = nn.ModuleList(towers)
+        self.num_features = sum(t.num_features for t in towers)
+        self.pretrained_cfg = getattr(towers[0], "pretrained_cfg", {})
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.towers[0].set_grad_checkpointing(enable)  # the others are frozen: nothing to store
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tower(images) for tower in self.towers], dim=1)
+
+
+def _build_timm_tower(cfg: ImageTowerConfig) -> nn.Module:
     pkg = image_package(cfg.pretrained) if cfg.pretrained else None
     if pkg is not None and cfg.name != pkg.timm_name:
         # the keys would load, but padding and BN eps differ, so the features would be silently wrong
