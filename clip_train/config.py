@@ -137,6 +137,10 @@ class DataConfig:
     # train augmentation: RandomResizedCrop scale range (OpenCLIP's default)
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.0
+    # train augmentation: with this probability the crop is turned grayscale with its tones inverted
+    # (a light drawing on dark). Clip art is dark lines on white; photos of light things on black,
+    # such as Fashion-MNIST, then are not out of the training distribution. 0 = off (OpenCLIP).
+    gray_invert_prob: float = 0.0
 
 
 @dataclass
@@ -317,6 +321,8 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         if cfg.train.cache_image_views < 1:
             views = cfg.train.cache_image_views
             raise ConfigError(f"train.cache_image_views must be at least 1, got {views}")
+        if not 0.0 <= cfg.data.gray_invert_prob <= 1.0:
+            raise ConfigError(f"data.gray_invert_prob must be in [0, 1], got {cfg.data.gray_invert_prob}")
         check_data_sources(cfg.data)
         if cfg.loss.block_size < 1:
             raise ConfigError(f"loss.block_size must be at least 1, got {cfg.loss.block_size}")

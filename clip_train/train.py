@@ -164,6 +164,11 @@ def check_run_config(cfg: RunConfig) -> None:
             "train.cache_image_features needs a fully locked image tower: set model.image.lock=true, "
             "model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true"
         )
+    if cfg.data.gray_invert_prob > 0 and cfg.train.cache_image_features and cfg.train.cache_image_views == 1:
+        raise ConfigError(
+            "data.gray_invert_prob augments training images, but train.cache_image_features trains on one "
+            "fixed eval view: set train.cache_image_views > 1 (views are augmented) or gray_invert_prob=0"
+        )
     if cfg.train.cache_image_views > 1 and not cfg.train.cache_image_features:
         raise ConfigError(
             f"train.cache_image_views={cfg.train.cache_image_views} needs train.cache_image_features=true "
@@ -307,7 +312,11 @@ def main(cfg: RunConfig) -> dict:
     # the device (see BatchNormalize). Evaluation keeps the float transform.
     crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
     train_transform, train_view_transform = build_image_transforms(
-        model.visual, cfg.model.image, crop_scale=crop_scale, uint8=True
+        model.visual,
+        cfg.model.image,
+        crop_scale=crop_scale,
+        gray_invert_prob=cfg.data.gray_invert_prob,
+        uint8=True,
     )
     _, eval_transform = build_image_transforms(model.visual, cfg.model.image)
     # one buffer per micro-batch of a step: a step holds all of its micro-batches (see reuse)

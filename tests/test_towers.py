@@ -116,6 +116,19 @@ def test_uint8_transforms_then_batch_normalize_equal_the_float_transforms():
     assert reusing(batch[:1]).shape == (1, 3, 64, 64)  # another batch shape gets its own buffer
 
 
+def test_gray_invert_augmentation_makes_the_crop_its_grayscale_negative():
+    model = build_image_tower(_image_cfg())
+    red = Image.new("RGB", (80, 80), (255, 0, 0))
+    always, _ = build_image_transforms(model, _image_cfg(), gray_invert_prob=1.0, uint8=True)
+    assert always(red).unique().tolist() == [255 - round(0.299 * 255)]  # PIL's luma of red, inverted
+    never, _ = build_image_transforms(model, _image_cfg(), gray_invert_prob=0.0, uint8=True)
+    assert never(red)[:, 0, 0].tolist() == [255, 0, 0]
+    half, _ = build_image_transforms(model, _image_cfg(), gray_invert_prob=0.5, uint8=True)
+    torch.manual_seed(0)
+    inverted = [bool(half(red)[1, 0, 0] > 0) for _ in range(40)]
+    assert 8 <= sum(inverted) <= 32
+
+
 def test_image_transforms_use_package_weights_normalisation():
     # the EfficientNet-Lite0 package weights were trained on (x - 0.5) / 0.5, not ImageNet mean/std
     cfg = _image_cfg(name="tf_efficientnet_lite0", pretrained="package:efficientnet-lite0")

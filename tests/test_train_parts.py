@@ -35,6 +35,17 @@ def test_feature_cache_needs_a_fully_locked_image_tower():
     check_run_config(cfg)
 
 
+def test_gray_invert_needs_augmented_training_images_and_a_probability():
+    cached = ["model.image.lock=true", "train.cache_image_features=true", "data.gray_invert_prob=0.5"]
+    cfg = load_config(["configs/tiny.yaml"], TINY + cached)
+    with pytest.raises(ConfigError, match="data.gray_invert_prob augments training images"):
+        check_run_config(cfg)  # one fixed eval view per image would silently ignore it
+    check_run_config(load_config(["configs/tiny.yaml"], TINY + [*cached, "train.cache_image_views=2"]))
+    check_run_config(load_config(["configs/tiny.yaml"], TINY + ["data.gray_invert_prob=0.5"]))
+    with pytest.raises(ConfigError, match=r"data.gray_invert_prob must be in \[0, 1\], got 1.5"):
+        load_config(["configs/tiny.yaml"], TINY + ["data.gray_invert_prob=1.5"])
+
+
 def test_cached_views_need_the_feature_cache_and_a_positive_count():
     cfg = load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_views=3"])
     with pytest.raises(ConfigError, match="needs train.cache_image_features=true"):

@@ -24,6 +24,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.layers import freeze_batch_norm_2d
 from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
+from torchvision.transforms import Compose, Grayscale, RandomApply, RandomInvert
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
 from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig
@@ -190,13 +191,15 @@ def build_image_transforms(
     cfg: ImageTowerConfig,
     crop_scale: tuple[float, float] = (0.9, 1.0),
     *,
+    gray_invert_prob: float = 0.0,
     uint8: bool = False,
 ) -> tuple:
     """(train, eval) transforms from PIL RGB images to normalised float tensors [3, S, S].
 
-    train: RandomResizedCrop(scale=crop_scale) only, as in OpenCLIP: no flip (captions say left and
-    right), no colour jitter (captions name colours). eval: resize the short side to S, centre crop S,
-    crop_pct=1 as in OpenCLIP, since a caption describes the whole image, not its centre.
+    train: RandomResizedCrop(scale=crop_scale), as in OpenCLIP: no flip (captions say left and
+    right), no colour jitter (captions name colours); with gray_invert_prob > 0, the crop is made
+    grayscale and tone-inverted that often (data.gray_invert_prob). eval: resize the short side to
+    S, centre crop S, crop_pct=1 as in OpenCLIP, since a caption describes the whole image.
     Mean/std are those the weights expect: from the packaged-weights table for package: specs,
     otherwise timm's pretrained config for the model name.
 
@@ -214,6 +217,11 @@ def build_image_transforms(
         re_prob=0.0,
         use_prefetcher=uint8,
     )
+    if gray_invert_prob > 0:
+        # after the crop, on the PIL image; torchvision's RandomApply draws from torch's RNG, which
+        # the pipeline seeds per sample like timm's draws from Python's
+        gray_invert = RandomApply([Grayscale(num_output_channels=3), RandomInvert(p=1.0)], p=gray_invert_prob)
+        train = Compose([train.transforms[0], gray_invert, *train.transforms[1:]])
     evaluate = create_transform(**data_cfg, is_training=False, use_prefetcher=uint8)
     return train, evaluate
 
