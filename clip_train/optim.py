@@ -37,14 +37,18 @@ def layer_depths(model: nn.Module) -> dict[str, tuple[int, int]]:
     i is i + 1; the top is the last layer, or, when parameters follow the stack (a final norm), those.
     """
     depths: dict[str, tuple[int, int]] = {}
-    visual = getattr(model, "visual", None)
+    visual, prefix = getattr(model, "visual", None), "visual."
+    if visual is not None and hasattr(visual, "towers"):
+        # model.image.concat (towers.ConcatImageTowers): the extra towers are always frozen, so
+        # only the first one's parameters can train and need a depth
+        visual, prefix = visual.towers[0], "visual.towers.0."
     if visual is not None:
         if not hasattr(visual, "group_matcher"):
             raise ConfigError(f"{type(visual).__name__} has no timm group_matcher: set optim.layer_decay=1")
         groups = group_parameters(visual, visual.group_matcher(coarse=False))
         top = max(groups)
         for gid, names in groups.items():
-            depths.update({f"visual.{name}": (gid, top) for name in names})
+            depths.update({f"{prefix}{name}": (gid, top) for name in names})
     text = getattr(model, "text", None)
     stack = _text_layer_stack(text) if text is not None else None
     if stack is not None:

@@ -152,6 +152,23 @@ class ImageFeatureCache:
         return torch.stack([self.features[key] for key in keys]).to(images.device)
 
 
+def training_transforms(model: ClipModel, cfg: RunConfig) -> tuple:
+    """(augmented train, fixed eval view, float eval) image transforms of a run.
+
+    The training loader's workers stop at uint8 images; next_micro_batch normalises the batch on
+    the device (see BatchNormalize). Evaluation keeps the float transform.
+    """
+    train, fixed_view = build_image_transforms(
+        model.visual,
+        cfg.model.image,
+        crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max),
+        gray_invert_prob=cfg.data.gray_invert_prob,
+        uint8=True,
+    )
+    _, evaluate = build_image_transforms(model.visual, cfg.model.image)
+    return train, fixed_view, evaluate
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Combinations of settings that cannot work, caught before anything is loaded."""
     if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
@@ -166,8 +183,17 @@ def check_run_config(cfg: RunConfig) -> None:
         )
     if cfg.data.gray_invert_prob > 0 and cfg.train.cache_image_features and cfg.train.cache_image_views == 1:
         raise ConfigError(
-            "data.gray_invert_prob augments training images, but train.cache_image_features trains on one "
-            "fixed eval view: set train.cache_image_views > 1 (views are augmented) or gray_invert_prob=0"
+            "data.gray_invert_prob augments training images, but train.cache_image_features trains on "
+            "one fixed eval view: set train.cache_image_views > 1 (views are augmented) or "
+            "data.gray_invert_prob=0"
+        )
+    bare = [spec for spec in image.concat if "=" not in spec]
+    if bare and not cfg.model.init_from:
+        # a name alone is how a saved model records its extra towers (their weights are in its file);
+        # in a new run it would be a randomly initialised frozen tower
+        raise ConfigError(
+            f"model.image.concat entry {bare[0]} has no weights: write it as {bare[0]}=WEIGHTS "
+            "(a file or package:...), or start from a saved model with model.init_from"
         )
     if cfg.train.cache_image_views > 1 and not cfg.train.cache_image_features:
         raise ConfigError(
@@ -308,17 +334,7 @@ def main(cfg: RunConfig) -> dict:
     if cfg.train.compile:
         model.compile(backend=cfg.train.compile_backend)
     tokenizer = build_tokenizer(cfg.model.text)
-    # The training loader's workers stop at uint8 images; next_micro_batch normalises the batch on
-    # the device (see BatchNormalize). Evaluation keeps the float transform.
-    crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
-    train_transform, train_view_transform = build_image_transforms(
-        model.visual,
-        cfg.model.image,
-        crop_scale=crop_scale,
-        gray_invert_prob=cfg.data.gray_invert_prob,
-        uint8=True,
-    )
-    _, eval_transform = build_image_transforms(model.visual, cfg.model.image)
+    train_transform, train_view_transform, eval_transform = training_transforms(model, cfg)
     # one buffer per micro-batch of a step: a step holds all of its micro-batches (see reuse)
     normalize_images = batch_normalizer(model.visual, cfg.model.image, reuse=cfg.train.accum_steps)
     # The run directory is made only once the model is built: a bad model setting leaves nothing.

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from clip_train.config import ImageTowerConfig
+from clip_train.models.towers import build_image_tower
 from clip_train.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -105,7 +108,9 @@ def test_cached_image_views_resume_exactly_and_augment(tmp_path, tiny_data):
 
 
 def test_concatenated_locked_towers_train_from_the_cache_and_are_saved(tmp_path, tiny_data):
-    concat = ['model.image.concat=["test_resnet"]']
+    weights = tmp_path / "resnet.pth"
+    torch.save(build_image_tower(ImageTowerConfig(name="test_resnet")).state_dict(), weights)
+    concat = [f'model.image.concat=["test_resnet={weights}"]']
     proc = _train(
         tmp_path / "run", tiny_data, "model.image.lock=true", "train.cache_image_features=true", *concat
     )

@@ -95,6 +95,23 @@ def test_per_tower_multipliers_and_layer_wise_decay_on_a_real_model():
     assert summary.startswith("image ") and "text 0.0" in summary and summary.endswith("M")
 
 
+def test_layer_wise_decay_reaches_the_first_of_concatenated_image_towers():
+    from clip_train.config import load_config
+    from clip_train.models.clip import ClipModel
+
+    overrides = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused", 'model.image.concat=["test_resnet"]']
+    model = ClipModel(load_config(["configs/tiny.yaml"], overrides).model)
+    lr_of = {}
+    for group in param_groups(model, OptimConfig(lr=1.0, image_lr_mult=0.1, layer_decay=0.5)):
+        lr_of.update({id(p): group["lr"] for p in group["params"]})
+    params = dict(model.named_parameters())
+    first = [n for n in params if n.startswith("visual.towers.0.")]
+    assert lr_of[id(params[first[-1]])] == pytest.approx(0.1)  # its head: the top depth
+    assert lr_of[id(params[first[0]])] < 0.1  # its stem: decayed
+    # the extra tower is frozen: none of its parameters is in a group
+    assert not any(id(p) in lr_of for n, p in params.items() if n.startswith("visual.towers.1."))
+
+
 def test_fused_adamw_is_used_and_makes_the_same_updates_as_the_default():
     def trained(fused: bool) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
         torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 
 from clip_train.config import ConfigError, load_config
 from clip_train.models.clip import ClipModel
-from clip_train.train import ImageFeatureCache, check_run_config, due, segment_seed
+from clip_train.train import ImageFeatureCache, check_run_config, due, segment_seed, training_transforms
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 
@@ -44,6 +44,27 @@ def test_gray_invert_needs_augmented_training_images_and_a_probability():
     check_run_config(load_config(["configs/tiny.yaml"], TINY + ["data.gray_invert_prob=0.5"]))
     with pytest.raises(ConfigError, match=r"data.gray_invert_prob must be in \[0, 1\], got 1.5"):
         load_config(["configs/tiny.yaml"], TINY + ["data.gray_invert_prob=1.5"])
+
+
+def test_the_run_trains_on_gray_inverted_crops_when_asked():
+    from PIL import Image
+
+    red = Image.new("RGB", (80, 80), (255, 0, 0))
+    for prob, want in [(1.0, [179, 179, 179]), (0.0, [255, 0, 0])]:
+        cfg = load_config(["configs/tiny.yaml"], TINY + [f"data.gray_invert_prob={prob}"])
+        train, fixed_view, _ = training_transforms(ClipModel(cfg.model), cfg)
+        assert train(red)[:, 0, 0].tolist() == want
+        assert fixed_view(red)[:, 0, 0].tolist() == [255, 0, 0]  # evaluation views are never altered
+
+
+def test_concat_entries_of_a_new_run_need_weights():
+    cfg = load_config(["configs/tiny.yaml"], TINY + ['model.image.concat=["test_resnet"]'])
+    with pytest.raises(
+        ConfigError, match="entry test_resnet has no weights: write it as test_resnet=WEIGHTS"
+    ):
+        check_run_config(cfg)
+    cfg.model.init_from = "/a/saved/model"  # a saved model's config names them alone
+    check_run_config(cfg)
 
 
 def test_cached_views_need_the_feature_cache_and_a_positive_count():

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
 from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig
 from clip_train.models.pretrained import (
+    WeightsNotFoundError,
     image_package,
     load_image_weights,
     resolve_image_weights,
@@ -62,21 +63,21 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
             freeze_bn_stats=True,
             concat=[],
         )
-        _check_same_normalisation(main_normalisation, extra_cfg, spec)
         try:
+            _check_same_normalisation(main_normalisation, extra_cfg)
             extras.append(_build_timm_tower(extra_cfg))
-        except ConfigError as e:  # its messages name model.image.name/pretrained: say which tower
+        except (ConfigError, WeightsNotFoundError) as e:  # they name model.image.*: say which tower
             raise ConfigError(f"model.image.concat entry {spec}: {e}") from None
     return ConcatImageTowers([tower, *extras])
 
 
-def _check_same_normalisation(main: tuple, extra: ImageTowerConfig, spec: str) -> None:
+def _check_same_normalisation(main: tuple, extra: ImageTowerConfig) -> None:
     """The extra towers see the main tower's input: refuse packaged weights trained on another one."""
     pkg = image_package(extra.pretrained) if extra.pretrained else None
     mean, std = main
     if pkg is not None and (tuple(mean), tuple(std)) != (pkg.mean, pkg.std):
         raise ConfigError(
-            f"model.image.concat entry {spec} expects mean={list(pkg.mean)} std={list(pkg.std)}, but the "
+            f"its weights expect mean={list(pkg.mean)} std={list(pkg.std)}, but the "
             f"towers share model.image's input (mean={mean} std={std}): concatenate towers trained "
             "with the same normalisation"
         )
