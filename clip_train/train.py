@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from clip_train import checkpoint
 from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
-from clip_train.config import ConfigError, DataConfig, RunConfig, save_config, to_dict
+from clip_train.config import ConfigError, DataConfig, RunConfig, concat_entry, save_config, to_dict
 from clip_train.data import DataError
 from clip_train.data.pipeline import (
     SKIP_REASONS,
@@ -187,7 +187,7 @@ def check_run_config(cfg: RunConfig) -> None:
             "one fixed eval view: set train.cache_image_views > 1 (views are augmented) or "
             "data.gray_invert_prob=0"
         )
-    bare = [spec for spec in image.concat if "=" not in spec]
+    bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
     if bare and not cfg.model.init_from:
         # a name alone is how a saved model records its extra towers (their weights are in its file);
         # in a new run it would be a randomly initialised frozen tower
@@ -334,7 +334,7 @@ def main(cfg: RunConfig) -> dict:
     if cfg.train.compile:
         model.compile(backend=cfg.train.compile_backend)
     tokenizer = build_tokenizer(cfg.model.text)
-    train_transform, train_view_transform, eval_transform = training_transforms(model, cfg)
+    train_transform, fixed_view_transform, eval_transform = training_transforms(model, cfg)
     # one buffer per micro-batch of a step: a step holds all of its micro-batches (see reuse)
     normalize_images = batch_normalizer(model.visual, cfg.model.image, reuse=cfg.train.accum_steps)
     # The run directory is made only once the model is built: a bad model setting leaves nothing.
@@ -346,7 +346,7 @@ def main(cfg: RunConfig) -> dict:
     if cfg.train.cache_image_features:
         feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
         if cfg.train.cache_image_views == 1:
-            train_transform = train_view_transform  # one fixed view per sample (see ImageFeatureCache)
+            train_transform = fixed_view_transform  # one fixed view per sample (see ImageFeatureCache)
     views = (cfg.train.seed, cfg.train.cache_image_views) if cfg.train.cache_image_views > 1 else None
     loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
     optimizer = build_optimizer(model, cfg.optim)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from torch import nn
 
-from clip_train.config import ConfigError, ModelConfig, build_dataclass
+from clip_train.config import ConfigError, ModelConfig, build_dataclass, concat_entry
 from clip_train.models.dropout import swap_dropout
 from clip_train.models.pretrained import WeightsMismatchError
 from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer, image_normalization
@@ -122,7 +122,7 @@ class ClipModel(nn.Module):
     def portable_config(self) -> ModelConfig:
         mean, std = image_normalization(self.visual, self.cfg.image)
         # the extra towers keep their architectures; their weights are in the safetensors
-        concat = [spec.partition("=")[0].strip() for spec in self.cfg.image.concat]
+        concat = [concat_entry(spec)[0] for spec in self.cfg.image.concat]
         image = dataclasses.replace(
             self.cfg.image, pretrained="", lock=False, mean=mean, std=std, concat=concat
         )

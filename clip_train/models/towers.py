@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.transforms import Compose, Grayscale, RandomApply, RandomInvert
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
-from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig
+from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig, concat_entry
 from clip_train.models.pretrained import (
     WeightsNotFoundError,
     image_package,
@@ -52,11 +52,11 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     main_normalisation = image_normalization(tower, cfg)
     extras = []
     for spec in cfg.concat:
-        name, _, weights = spec.partition("=")
+        name, weights = concat_entry(spec)
         extra_cfg = dataclasses.replace(
             cfg,
-            name=name.strip(),
-            pretrained=weights.strip(),
+            name=name,
+            pretrained=weights,
             weights_remap="",
             lock=True,
             unlocked_groups=0,
