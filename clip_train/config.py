@@ -81,6 +81,23 @@ class TextTowerConfig:
 
 
 @dataclass
+class LabelPriorConfig:
+    # ConSE (models/label_prior.py): the locked image towers' own ImageNet classifier heads name what
+    # an image shows, in the frozen text tower's words; the embedding appends that (times `weight`)
+    # to the learned projection, and the text side appends the text tower's own embedding. It brings
+    # the towers' knowledge of classes the training captions never mention (Fashion-MNIST's clothes
+    # in the demo) into zero-shot transfer. 0 = off (OpenCLIP). Needs locked towers: image
+    # pretrained weights with their classifier, model.image.lock with no unlocked groups, and
+    # model.text.lock with no unlocked layers (the prior lives in the frozen text space).
+    weight: float = 0.0
+    top_k: int = 10  # classes whose label embeddings are mixed, by probability
+    # "imagenet" (the 1,000 ImageNet-1k class names, shipped) or a file, one name per classifier row
+    labels: str = "imagenet"
+    # how each class name is written before the text tower embeds it (mean of the templates)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}.", "a picture of a {c}.", "a {c}."])
+
+
+@dataclass
 class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -94,6 +111,7 @@ class ModelConfig:
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     max_logit_scale: float = math.log(100)
+    label_prior: LabelPriorConfig = field(default_factory=LabelPriorConfig)
     # Start from a saved clip_train model: a model folder (config.json + model.safetensors, e.g. one
     # written by clip-train, clip-export's sources or the OpenCLIP importer), a checkpoint or a run
     # directory. Its architecture and weights replace the ones above; what trains (image.lock,
@@ -332,6 +350,11 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         check_data_sources(cfg.data)
         if cfg.loss.block_size < 1:
             raise ConfigError(f"loss.block_size must be at least 1, got {cfg.loss.block_size}")
+        prior = cfg.model.label_prior
+        if prior.weight < 0 or prior.top_k < 1:
+            raise ConfigError(
+                f"model.label_prior needs weight >= 0 and top_k >= 1, got weight={prior.weight} top_k={prior.top_k}"
+            )
     return cfg
 
 

@@ -164,7 +164,7 @@ def count_training_flops(model: ClipModel) -> TrainingFlops:
             text_in = text_features.detach().requires_grad_(text_features.requires_grad)
             with _counter() as counter:
                 image_emb = model.image_features_to_embedding(image_in)
-                text_emb = torch.nn.functional.normalize(model.text_proj(text_in), dim=-1)
+                text_emb = model.text_features_to_embedding(text_in)
             head_forward = counter.get_total_flops()
             # A scalar of both embeddings and the temperature: its gradient reaches every trainable
             # parameter along the same paths as the contrastive loss's would.

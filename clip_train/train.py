@@ -195,6 +195,25 @@ def check_run_config(cfg: RunConfig) -> None:
             f"model.image.concat entry {bare[0]} has no weights: write it as {bare[0]}=WEIGHTS "
             "(a file or package:...), or start from a saved model with model.init_from"
         )
+    if cfg.model.label_prior.weight > 0:
+        text = cfg.model.text
+        # the prior reads the pretrained features with their own classifier and compares with the
+        # frozen text space: a tower that trains would drift away from both
+        if not (image.lock and image.unlocked_groups == 0):
+            raise ConfigError(
+                "model.label_prior needs a locked image tower: set model.image.lock=true and "
+                "model.image.unlocked_groups=0 (or model.label_prior.weight=0)"
+            )
+        if not (text.lock and text.unlocked_layers == 0):
+            raise ConfigError(
+                "model.label_prior needs a locked text tower: set model.text.lock=true and "
+                "model.text.unlocked_layers=0 (or model.label_prior.weight=0)"
+            )
+        if not image.pretrained and not cfg.model.init_from:
+            raise ConfigError(
+                "model.label_prior needs pretrained image weights with their classifier head: set "
+                "model.image.pretrained (e.g. package:efficientnet-lite0)"
+            )
     if cfg.train.cache_image_views > 1 and not cfg.train.cache_image_features:
         raise ConfigError(
             f"train.cache_image_views={cfg.train.cache_image_views} needs train.cache_image_features=true "
@@ -298,6 +317,7 @@ def main(cfg: RunConfig) -> dict:
         # resolved before the fingerprint below, so that the saved config.yaml (which holds the
         # resolved architecture) resumes the run too
         cfg.model = config_from_saved(init_folder, cfg.model)
+        check_run_config(cfg)  # the saved architecture (a label prior, say) against what trains
     expected_meta = {
         "model": to_dict(cfg.model),
         # everything below decides which samples each step reads (see the module docstring)

@@ -164,6 +164,8 @@ def test_hf_export_gives_clip_train_embeddings(tmp_path, overrides):
         ("openclip", [CLIP_TEXT], "cannot load a clip_text_model text model"),
         ("openclip", ['model.image.concat=["test_efficientnet"]'], "cannot express model.image.concat"),
         ("hf", ['model.image.concat=["test_efficientnet"]'], "cannot express model.image.concat"),
+        ("openclip", ["model.label_prior.weight=0.5"], "cannot express model.label_prior"),
+        ("hf", ["model.label_prior.weight=0.5"], "cannot express model.label_prior"),
         ("hf", [], "cannot reproduce model.text.pooling=mean: .* for bert is tanh"),
         ("hf", ["model.text.pooling=cls"], "cannot reproduce model.text.pooling=cls: .* for bert is tanh"),
         ("hf", [CLIP_TEXT], "pooling=mean: .* for clip_text_model is the hidden state at the first eos"),

@@ -77,7 +77,7 @@ def encode_images(
                 out = tower_out if features else model.image_features_to_embedding(tower_out)
             parts.append(out.float().cpu())
     if not parts:  # more ranks than images: this rank still takes part in the gather
-        parts = [torch.empty(0, model.visual.num_features if features else model.cfg.embed_dim)]
+        parts = [torch.empty(0, model.visual.num_features if features else model.output_dim)]
     return distributed.gather_in_order(torch.cat(parts).to(ctx.device), count).cpu()
 
 
@@ -91,7 +91,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], ctx: EvalContext) -> to
             with ctx.autocast():
                 parts.append(model.encode_text(tokens).float().cpu())
     if not parts:
-        parts = [torch.empty(0, model.cfg.embed_dim)]
+        parts = [torch.empty(0, model.output_dim)]
     return distributed.gather_in_order(torch.cat(parts).to(ctx.device), len(texts)).cpu()
 
 

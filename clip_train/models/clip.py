@@ -1,8 +1,10 @@
 """ClipModel: an image tower and a text tower projected into one embedding space.
 
 model = ClipModel(cfg.model)                     # towers from timm / transformers
-img = model.encode_image(images)                 # [B, embed_dim], L2-normalised
-txt = model.encode_text(tokens)                  # [B, embed_dim], L2-normalised
+img = model.encode_image(images)                 # [B, model.output_dim], L2-normalised
+txt = model.encode_text(tokens)                  # [B, model.output_dim], L2-normalised
+
+output_dim is cfg.embed_dim, plus the text tower's width with model.label_prior (label_prior.py).
 model.save_pretrained("out/model", tokenizer)    # config.json + model.safetensors + tokenizer/
 model = ClipModel.from_pretrained("out/model")   # needs no package, no hub, no original folder
 """
@@ -22,12 +24,21 @@ from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig, build_dataclass, concat_entry
 from clip_train.models.dropout import swap_dropout
+from clip_train.models.label_prior import SHIPPED_LABEL_SETS, LabelPrior, read_labels
 from clip_train.models.pretrained import WeightsMismatchError
-from clip_train.models.towers import build_image_tower, build_text_tower, build_tokenizer, image_normalization
+from clip_train.models.towers import (
+    ConcatImageTowers,
+    build_image_tower,
+    build_text_tower,
+    build_tokenizer,
+    image_classifier_heads,
+    image_normalization,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+LABELS_NAME = "labels.txt"  # a model.label_prior label file of the user's, copied beside the weights
 
 
 class ClipModel(nn.Module):
@@ -54,9 +65,54 @@ class ClipModel(nn.Module):
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        self.label_prior = self._build_label_prior() if cfg.label_prior.weight > 0 else None
+        # the embeddings' width: the shared space, and with the label prior the text tower's space too
+        self.output_dim = cfg.embed_dim + (self.text.num_features if self.label_prior is not None else 0)
         if cfg.image.channels_last:
             self.visual.to(memory_format=torch.channels_last)
         swap_dropout(self)  # the same dropout, faster masks on the CPU (models/dropout.py)
+
+    def _build_label_prior(self) -> LabelPrior:
+        prior_cfg = self.cfg.label_prior
+        try:
+            labels = read_labels(prior_cfg.labels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        towers = self.visual.towers if isinstance(self.visual, ConcatImageTowers) else [self.visual]
+        widths = [tower.num_features for tower in towers]
+        # Built from weights files (a new run): read the heads and embed the labels now. Otherwise
+        # (a saved model, a from-scratch test tower) the buffers come from load_state_dict.
+        from_files = bool(self.cfg.image.pretrained)
+        heads = image_classifier_heads(self.visual, self.cfg.image) if from_files else None
+        prior = LabelPrior(widths, len(labels), self.text.num_features, prior_cfg.top_k, heads)
+        if from_files:
+            prior.set_label_embeddings(self._embed_labels(labels, prior_cfg.templates))
+        return prior
+
+    @torch.no_grad()
+    def _embed_labels(self, labels: list[str], templates: list[str]) -> torch.Tensor:
+        """[len(labels), text width]: per label, the mean of the text tower's normalised embeddings of
+        its templates (as a zero-shot classifier is built), before any projection."""
+        if not templates or any("{c}" not in t for t in templates):
+            raise ConfigError(f"model.label_prior.templates={templates} must each hold {{c}} for the class name")
+        tokenizer = build_tokenizer(self.cfg.text)
+        was_training = self.text.training
+        self.text.eval()
+        per_template = []
+        for template in templates:
+            texts = [template.format(c=label) for label in labels]
+            chunks = [self.text(tokenizer(texts[i : i + 256])) for i in range(0, len(texts), 256)]
+            per_template.append(F.normalize(torch.cat(chunks).float(), dim=-1))
+        self.text.train(was_training)
+        return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
+
+    def _with_prior(self, learned: torch.Tensor, prior_side: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """[learned projection | weight x text-space vector] / sqrt(1 + weight^2): both halves unit
+        length, so a dot product is (cos_learned + weight^2 cos_prior) / (1 + weight^2)."""
+        weight = self.cfg.label_prior.weight
+        learned = F.normalize(learned, dim=-1) if normalize else learned
+        prior_side = F.normalize(prior_side, dim=-1).to(learned.dtype)
+        return torch.cat([learned, weight * prior_side], dim=-1) / math.sqrt(1 + weight**2)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the towers' activations in the backward instead of storing them (less memory,
@@ -94,12 +150,21 @@ class ClipModel(nn.Module):
 
     def image_features_to_embedding(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Project image-tower outputs (e.g. cached ones of a locked tower) into the shared space."""
-        features = self.image_proj(features)
-        return F.normalize(features, dim=-1) if normalize else features
+        projected = self.image_proj(features)
+        if self.label_prior is not None:
+            return self._with_prior(projected, self.label_prior(features), normalize)
+        return F.normalize(projected, dim=-1) if normalize else projected
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.text_proj(self.text(tokens))
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.text_features_to_embedding(self.text(tokens), normalize)
+
+    def text_features_to_embedding(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Project text-tower outputs into the shared space."""
+        projected = self.text_proj(features)
+        if self.label_prior is not None:
+            # the caption in the frozen text space, where the image's label prior lives
+            return self._with_prior(projected, features, normalize)
+        return F.normalize(projected, dim=-1) if normalize else projected
 
     def forward(self, images: torch.Tensor | None, tokens: torch.Tensor, image_features=None):
         """(image_emb, text_emb, exp(logit_scale), logit_bias or None): what the loss takes.
@@ -133,13 +198,20 @@ class ClipModel(nn.Module):
             tokenizer=TOKENIZER_DIR,
             lock=False,
         )
-        return dataclasses.replace(self.cfg, image=image, text=text, init_from="")
+        label_prior = dataclasses.replace(self.cfg.label_prior)  # a copy: save_pretrained edits it
+        return dataclasses.replace(self.cfg, image=image, text=text, label_prior=label_prior, init_from="")
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
         """state_dict: the weights to write instead of this module's own (e.g. gathered from FSDP shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = {"format": "clip_train", "model": dataclasses.asdict(self.portable_config())}
+        portable = self.portable_config()
+        labels = portable.label_prior.labels
+        if portable.label_prior.weight > 0 and labels not in SHIPPED_LABEL_SETS:
+            # a label file of the user's travels with the model
+            (folder / LABELS_NAME).write_text("\n".join(read_labels(labels)) + "\n", encoding="utf-8")
+            portable.label_prior.labels = LABELS_NAME
+        config = {"format": "clip_train", "model": dataclasses.asdict(portable)}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
         # contiguous(): channels_last weights are not contiguous, and safetensors stores plain layout.
         weights = self.state_dict() if state_dict is None else state_dict
@@ -170,6 +242,8 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     cfg = build_dataclass(ModelConfig, raw["model"], prefix="model.")
     if cfg.text.tokenizer == TOKENIZER_DIR:
         cfg.text.tokenizer = str(folder / TOKENIZER_DIR)
+    if cfg.label_prior.labels == LABELS_NAME:
+        cfg.label_prior.labels = str(folder / LABELS_NAME)
     return cfg
 
 

@@ -31,7 +31,9 @@ from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig, co
 from clip_train.models.pretrained import (
     WeightsNotFoundError,
     image_package,
+    WeightsMismatchError,
     load_image_weights,
+    read_classifier_head,
     resolve_image_weights,
     resolve_text_folder,
 )
@@ -69,6 +71,23 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
         except (ConfigError, WeightsNotFoundError) as e:  # they name model.image.*: say which tower
             raise ConfigError(f"model.image.concat entry {spec}: {e}") from None
     return ConcatImageTowers([tower, *extras])
+
+
+def image_classifier_heads(tower: nn.Module, cfg: ImageTowerConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The classification heads of the pretrained weights of `tower` (built by build_image_tower from
+    cfg), one per tower in feature order: what model.label_prior reads the features with."""
+    towers = tower.towers if isinstance(tower, ConcatImageTowers) else [tower]
+    sources = [("model.image.pretrained", cfg.pretrained, cfg.weights_remap)]
+    sources += [(f"model.image.concat entry {spec}", concat_entry(spec)[1], "") for spec in cfg.concat]
+    heads = []
+    for module, (where, weights, remap) in zip(towers, sources):
+        if not weights:
+            raise ConfigError(f"model.label_prior needs classifier weights, but {where} names no weights file")
+        try:
+            heads.append(read_classifier_head(module, resolve_image_weights(weights), remap))
+        except WeightsMismatchError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return heads
 
 
 def _check_same_normalisation(main: tuple, extra: ImageTowerConfig) -> None:
