@@ -93,8 +93,14 @@ class LabelPriorConfig:
     top_k: int = 10  # classes whose label embeddings are mixed, by probability
     # "imagenet" (the 1,000 ImageNet-1k class names, shipped) or a file, one name per classifier row
     labels: str = "imagenet"
+    # Keep a frozen copy of the pretrained text tower for the prior's side, so that the text tower
+    # itself may train (model.text.unlocked_layers > 0): one more text forward per step (no
+    # backward), and the copy's weights in the model file. Without it the text tower must be locked.
+    frozen_text: bool = False
     # how each class name is written before the text tower embeds it (mean of the templates)
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}.", "a picture of a {c}.", "a {c}."])
+    templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {c}.", "a picture of a {c}.", "a {c}."]
+    )
 
 
 @dataclass
@@ -353,7 +359,8 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         prior = cfg.model.label_prior
         if prior.weight < 0 or prior.top_k < 1:
             raise ConfigError(
-                f"model.label_prior needs weight >= 0 and top_k >= 1, got weight={prior.weight} top_k={prior.top_k}"
+                "model.label_prior needs weight >= 0 and top_k >= 1, "
+                f"got weight={prior.weight} top_k={prior.top_k}"
             )
     return cfg
 

@@ -204,10 +204,11 @@ def check_run_config(cfg: RunConfig) -> None:
                 "model.label_prior needs a locked image tower: set model.image.lock=true and "
                 "model.image.unlocked_groups=0 (or model.label_prior.weight=0)"
             )
-        if not (text.lock and text.unlocked_layers == 0):
+        if not (text.lock and text.unlocked_layers == 0) and not cfg.model.label_prior.frozen_text:
             raise ConfigError(
                 "model.label_prior needs a locked text tower: set model.text.lock=true and "
-                "model.text.unlocked_layers=0 (or model.label_prior.weight=0)"
+                "model.text.unlocked_layers=0, or keep a frozen copy for the prior with "
+                "model.label_prior.frozen_text=true"
             )
         if not image.pretrained and not cfg.model.init_from:
             raise ConfigError(

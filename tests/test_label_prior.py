@@ -85,9 +85,10 @@ def test_similarity_mixes_learned_and_prior_cosines_by_the_weight(classifier_wei
     images, tokens = torch.randn(3, 3, 64, 64), tokenizer(["a red circle", "two blue squares", "x"])
     with torch.no_grad():
         features, text_features = model.image_tower_features(images), model.text(tokens)
-        cos_learned = F.normalize(model.image_proj(features), dim=-1) @ F.normalize(
-            model.text_proj(text_features), dim=-1
-        ).T
+        cos_learned = (
+            F.normalize(model.image_proj(features), dim=-1)
+            @ F.normalize(model.text_proj(text_features), dim=-1).T
+        )
         cos_prior = model.label_prior(features) @ F.normalize(text_features, dim=-1).T
         got = model.encode_image(images) @ model.encode_text(tokens).T
     assert torch.allclose(got, (cos_learned + 4.0 * cos_prior) / 5.0, atol=1e-5)
@@ -125,7 +126,7 @@ def test_top_k_keeps_only_the_most_probable_labels(classifier_weights):
 
 def test_what_the_prior_cannot_work_with_is_refused_in_one_line(classifier_weights, tmp_path):
     _, weights, labels = classifier_weights
-    prior = [f"model.label_prior.weight=0.5", f"model.label_prior.labels={labels}"]
+    prior = ["model.label_prior.weight=0.5", f"model.label_prior.labels={labels}"]
     base = [f"model.image.pretrained={weights}", "model.image.lock=true", "model.text.lock=true", *prior]
     for overrides, message in [
         ([*base, "model.text.unlocked_layers=1"], "needs a locked text tower: .*unlocked_layers=0"),
@@ -156,3 +157,29 @@ def test_the_shipped_imagenet_labels_are_a_thousand_distinct_names():
     names = read_labels("imagenet")
     assert len(names) == len(set(names)) == 1000
     assert names[:2] == ["tench", "goldfish"] and names[774] == "sandal"
+
+
+def test_with_a_frozen_text_copy_the_text_tower_trains_and_the_prior_side_stays(classifier_weights):
+    _, weights, labels = classifier_weights
+    cfg, model = _prior_model(
+        weights, labels, "model.text.lock=false", "model.label_prior.frozen_text=true", weight=1.0
+    )
+    check_run_config(cfg)  # an unlocked text tower is fine with the copy
+    tokens = build_tokenizer(cfg.model.text)(["a red circle", "two blue squares on a table"])
+    half = cfg.model.embed_dim
+    with torch.no_grad():
+        before = model.encode_text(tokens)
+    model.train()
+    assert not model.prior_text.training  # the copy never drops out
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.encode_text(tokens)[:, :half].sum().backward()
+    optimizer.step()
+    assert all(p.grad is None for p in model.prior_text.parameters())
+    with torch.no_grad():
+        train_mode = model.encode_text(tokens)
+        model.eval()
+        after = model.encode_text(tokens)
+    assert not torch.allclose(after[:, :half], before[:, :half])  # the learned half moved
+    # the prior half is the frozen copy's: unchanged by the step, and the same in train mode
+    assert torch.allclose(after[:, half:], before[:, half:], atol=1e-6)
+    assert torch.allclose(train_mode[:, half:], after[:, half:], atol=1e-6)

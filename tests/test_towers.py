@@ -14,6 +14,7 @@ from clip_train.models.pretrained import (
     WeightsMismatchError,
     WeightsNotFoundError,
     load_image_weights,
+    read_classifier_head,
     resolve_image_weights,
     resolve_text_folder,
 )
@@ -399,8 +400,12 @@ def test_lite_package_weights_match_reference_loader(variant, size):
     with torch.no_grad():
         expected = ref._avg_pooling(ref.extract_features(x)).flatten(1)
         got = tower(x)
+        # the classifier head model.label_prior keeps: the package model's own logits
+        weight, bias = read_classifier_head(tower, resolve_image_weights(spec))
+        logits, expected_logits = got @ weight.T + bias, ref(x)
     assert got.shape == (2, 1280)
     assert torch.allclose(got, expected, atol=1e-4)
+    assert logits.shape == (2, 1000) and torch.allclose(logits, expected_logits, atol=1e-3)
 
 
 def test_minilm_package_gives_sensible_similarities():

@@ -11,6 +11,7 @@ model = ClipModel.from_pretrained("out/model")   # needs no package, no hub, no 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -66,6 +67,10 @@ class ClipModel(nn.Module):
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
         self.label_prior = self._build_label_prior() if cfg.label_prior.weight > 0 else None
+        # the text space the label embeddings live in, kept apart from a text tower that trains
+        self.prior_text = None
+        if self.label_prior is not None and cfg.label_prior.frozen_text:
+            self.prior_text = copy.deepcopy(self.text).eval().requires_grad_(False)
         # the embeddings' width: the shared space, and with the label prior the text tower's space too
         self.output_dim = cfg.embed_dim + (self.text.num_features if self.label_prior is not None else 0)
         if cfg.image.channels_last:
@@ -94,7 +99,9 @@ class ClipModel(nn.Module):
         """[len(labels), text width]: per label, the mean of the text tower's normalised embeddings of
         its templates (as a zero-shot classifier is built), before any projection."""
         if not templates or any("{c}" not in t for t in templates):
-            raise ConfigError(f"model.label_prior.templates={templates} must each hold {{c}} for the class name")
+            raise ConfigError(
+                f"model.label_prior.templates={templates} must each hold {{c}} for the class name"
+            )
         tokenizer = build_tokenizer(self.cfg.text)
         was_training = self.text.training
         self.text.eval()
@@ -113,6 +120,12 @@ class ClipModel(nn.Module):
         learned = F.normalize(learned, dim=-1) if normalize else learned
         prior_side = F.normalize(prior_side, dim=-1).to(learned.dtype)
         return torch.cat([learned, weight * prior_side], dim=-1) / math.sqrt(1 + weight**2)
+
+    def train(self, mode: bool = True) -> ClipModel:
+        super().train(mode)
+        if self.prior_text is not None:
+            self.prior_text.eval()  # no dropout: the label embeddings were made in eval mode
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the towers' activations in the backward instead of storing them (less memory,
@@ -156,14 +169,22 @@ class ClipModel(nn.Module):
         return F.normalize(projected, dim=-1) if normalize else projected
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.text_features_to_embedding(self.text(tokens), normalize)
+        prior_side = None
+        if self.prior_text is not None:
+            with torch.no_grad():
+                prior_side = self.prior_text(tokens)
+        return self.text_features_to_embedding(self.text(tokens), normalize, prior_side)
 
-    def text_features_to_embedding(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Project text-tower outputs into the shared space."""
+    def text_features_to_embedding(
+        self, features: torch.Tensor, normalize: bool = True, prior_side: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Project text-tower outputs into the shared space. With the label prior, `prior_side` is
+        the caption in the frozen text space (the frozen copy's output; None = `features`, the text
+        tower being locked)."""
         projected = self.text_proj(features)
         if self.label_prior is not None:
             # the caption in the frozen text space, where the image's label prior lives
-            return self._with_prior(projected, features, normalize)
+            return self._with_prior(projected, features if prior_side is None else prior_side, normalize)
         return F.normalize(projected, dim=-1) if normalize else projected
 
     def forward(self, images: torch.Tensor | None, tokens: torch.Tensor, image_features=None):

@@ -323,7 +323,9 @@ def load_image_weights(model: nn.Module, path: str | Path, remap: str = "") -> N
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
-def read_classifier_head(model: nn.Module, path: str | Path, remap: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def read_classifier_head(
+    model: nn.Module, path: str | Path, remap: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of the classification head in a weights file, for a timm tower built without
     one (num_classes=0): the head load_image_weights leaves out. Raises WeightsMismatchError when the
     file has none."""
@@ -333,7 +335,9 @@ def read_classifier_head(model: nn.Module, path: str | Path, remap: str = "") ->
         state = remap_keys(state, remap, model)
     if is_lukemelas_efficientnet(state):
         state = {
-            ".".join([_TOP_LEVEL["_fc"], *k.split(".")[1:]]): v for k, v in state.items() if k.startswith("_fc.")
+            ".".join([_TOP_LEVEL["_fc"], *k.split(".")[1:]]): v
+            for k, v in state.items()
+            if k.startswith("_fc.")
         }
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
     prefix = classifier if isinstance(classifier, str) else classifier[-1]

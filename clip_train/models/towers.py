@@ -29,9 +29,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
 from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig, concat_entry
 from clip_train.models.pretrained import (
+    WeightsMismatchError,
     WeightsNotFoundError,
     image_package,
-    WeightsMismatchError,
     load_image_weights,
     read_classifier_head,
     resolve_image_weights,
@@ -73,7 +73,9 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     return ConcatImageTowers([tower, *extras])
 
 
-def image_classifier_heads(tower: nn.Module, cfg: ImageTowerConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def image_classifier_heads(
+    tower: nn.Module, cfg: ImageTowerConfig
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The classification heads of the pretrained weights of `tower` (built by build_image_tower from
     cfg), one per tower in feature order: what model.label_prior reads the features with."""
     towers = tower.towers if isinstance(tower, ConcatImageTowers) else [tower]
@@ -82,7 +84,9 @@ def image_classifier_heads(tower: nn.Module, cfg: ImageTowerConfig) -> list[tupl
     heads = []
     for module, (where, weights, remap) in zip(towers, sources):
         if not weights:
-            raise ConfigError(f"model.label_prior needs classifier weights, but {where} names no weights file")
+            raise ConfigError(
+                f"model.label_prior needs classifier weights, but {where} names no weights file"
+            )
         try:
             heads.append(read_classifier_head(module, resolve_image_weights(weights), remap))
         except WeightsMismatchError as e:
