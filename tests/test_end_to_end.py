@@ -122,6 +122,47 @@ def test_concatenated_locked_towers_train_from_the_cache_and_are_saved(tmp_path,
     assert 0 <= results["retrieval/text_retrieval_recall@1"] <= 1
 
 
+def test_a_label_prior_run_resumes_exactly_and_its_saved_model_evaluates_the_same(tmp_path, tiny_data):
+    import timm  # a tower "trained for classification": its head is what the prior reads
+
+    weights, labels = tmp_path / "classifier.pth", tmp_path / "labels.txt"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet", num_classes=4).state_dict(), weights)
+    labels.write_text("circle\nsquare\ntriangle\nstar\n")
+    prior = [
+        f"model.image.pretrained={weights}",
+        "model.image.lock=true",
+        "train.cache_image_features=true",
+        "model.label_prior.weight=0.8",
+        f"model.label_prior.labels={labels}",
+        "model.label_prior.frozen_text=true",  # tiny.yaml trains the whole text tower
+    ]
+    straight = _train(tmp_path / "straight", tiny_data, *prior)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _train(tmp_path / "resumed", tiny_data, *prior, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9
+    resumed = _train(tmp_path / "resumed", tiny_data, *prior)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+    without = _train(tmp_path / "without", tiny_data, *prior[:3])
+    assert without.returncode == 0, without.stderr[-2000:]
+    assert _losses(tmp_path / "without")[1] != pytest.approx(want[1], abs=1e-4)  # the prior is in the loss
+
+    labels.unlink()  # the saved model carries its labels and heads
+    weights.unlink()
+    out = tmp_path / "clip_eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_train", "eval", str(tmp_path / "resumed"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=_repo(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    final = read_metrics(tmp_path / "resumed", "eval")[-1]
+    for key in ("shapes/acc1", "retrieval/text_retrieval_recall@1", "retrieval/image_retrieval_recall@5"):
+        assert summary[key] == pytest.approx(final[key])
+
+
 def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
     proc = _train(tmp_path / "run", tiny_data, f"data.train_shards={tmp_path}/nope-{{000..002}}.tar")
     assert proc.returncode == 2
