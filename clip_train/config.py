@@ -86,9 +86,9 @@ class LabelPriorConfig:
     # an image shows, in the frozen text tower's words; the embedding appends that (times `weight`)
     # to the learned projection, and the text side appends the text tower's own embedding. It brings
     # the towers' knowledge of classes the training captions never mention (Fashion-MNIST's clothes
-    # in the demo) into zero-shot transfer. 0 = off (OpenCLIP). Needs locked towers: image
-    # pretrained weights with their classifier, model.image.lock with no unlocked groups, and
-    # model.text.lock with no unlocked layers (the prior lives in the frozen text space).
+    # in the demo) into zero-shot transfer. 0 = off (OpenCLIP). Needs image pretrained weights with
+    # their classifier and a fully locked image tower (no unlocked groups, frozen BatchNorm
+    # statistics), and a text space that stays put: a locked text tower, or frozen_text below.
     weight: float = 0.0
     top_k: int = 10  # classes whose label embeddings are mixed, by probability
     # "imagenet" (the 1,000 ImageNet-1k class names, shipped) or a file, one name per classifier row
@@ -121,7 +121,8 @@ class ModelConfig:
     # Start from a saved clip_train model: a model folder (config.json + model.safetensors, e.g. one
     # written by clip-train, clip-export's sources or the OpenCLIP importer), a checkpoint or a run
     # directory. Its architecture and weights replace the ones above; what trains (image.lock,
-    # unlocked_groups, freeze_bn_stats, text.lock, unlocked_layers) still comes from this config.
+    # unlocked_groups, freeze_bn_stats, text.lock, unlocked_layers) still comes from this config,
+    # and so do label_prior.weight and top_k when weight > 0 (0 keeps the saved model's prior).
     init_from: str = ""
 
 

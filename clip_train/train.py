@@ -199,10 +199,11 @@ def check_run_config(cfg: RunConfig) -> None:
         text = cfg.model.text
         # the prior reads the pretrained features with their own classifier and compares with the
         # frozen text space: a tower that trains would drift away from both
-        if not (image.lock and image.unlocked_groups == 0):
+        if not (image.lock and image.unlocked_groups == 0 and image.freeze_bn_stats):
             raise ConfigError(
-                "model.label_prior needs a locked image tower: set model.image.lock=true and "
-                "model.image.unlocked_groups=0 (or model.label_prior.weight=0)"
+                "model.label_prior needs a fully locked image tower: set model.image.lock=true, "
+                "model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true "
+                "(or model.label_prior.weight=0)"
             )
         if not (text.lock and text.unlocked_layers == 0) and not cfg.model.label_prior.frozen_text:
             raise ConfigError(

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_train.config import ConfigError, load_config
-from clip_train.models.clip import ClipModel
+from clip_train.models.clip import ClipModel, config_from_saved
 from clip_train.models.label_prior import read_labels
 from clip_train.models.towers import build_tokenizer
 from clip_train.train import check_run_config
@@ -101,9 +101,9 @@ def test_a_saved_model_keeps_its_prior_without_the_weights_or_the_label_file(cla
     images, tokens = torch.randn(2, 3, 64, 64), tokenizer(["a red circle", "x"])
     with torch.no_grad():
         want = model.encode_image(images), model.encode_text(tokens)
-    model.save_pretrained(tmp_path / "m", tokenizer)
     weights.unlink()
-    labels.unlink()
+    labels.unlink()  # read when the model was built: saving (a checkpoint, say) needs neither
+    model.save_pretrained(tmp_path / "m", tokenizer)
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["model"]["label_prior"]["labels"] == "labels.txt"
     assert model.cfg.label_prior.labels == str(labels)  # saving did not edit the live model's config
@@ -130,7 +130,8 @@ def test_what_the_prior_cannot_work_with_is_refused_in_one_line(classifier_weigh
     base = [f"model.image.pretrained={weights}", "model.image.lock=true", "model.text.lock=true", *prior]
     for overrides, message in [
         ([*base, "model.text.unlocked_layers=1"], "needs a locked text tower: .*unlocked_layers=0"),
-        ([*base, "model.image.lock=false"], "needs a locked image tower"),
+        ([*base, "model.image.lock=false"], "needs a fully locked image tower"),
+        ([*base, "model.image.freeze_bn_stats=false"], "needs a fully locked image tower"),
         (["model.image.lock=true", "model.text.lock=true", *prior], "needs pretrained image weights"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -141,7 +142,7 @@ def test_what_the_prior_cannot_work_with_is_refused_in_one_line(classifier_weigh
         load_config(["configs/tiny.yaml"], TINY + [*base, "model.label_prior.top_k=0"])
     three = tmp_path / "three.txt"
     three.write_text("a\nb\nc\n")
-    with pytest.raises(ValueError, match="one name per classifier row"):
+    with pytest.raises(ConfigError, match="one name per classifier row"):
         _prior_model(weights, three)
     with pytest.raises(ConfigError, match="neither a shipped set .* nor a file"):
         _prior_model(weights, tmp_path / "missing.txt")
@@ -183,3 +184,46 @@ def test_with_a_frozen_text_copy_the_text_tower_trains_and_the_prior_side_stays(
     # the prior half is the frozen copy's: unchanged by the step, and the same in train mode
     assert torch.allclose(after[:, half:], before[:, half:], atol=1e-6)
     assert torch.allclose(train_mode[:, half:], after[:, half:], atol=1e-6)
+
+
+def test_concatenated_towers_each_read_their_own_head(classifier_weights, tmp_path):
+    classifier, weights, labels = classifier_weights
+    torch.manual_seed(2)
+    other_classifier = timm.create_model("test_efficientnet", num_classes=len(LABELS)).eval()
+    other = tmp_path / "other.pth"
+    torch.save(other_classifier.state_dict(), other)
+    _, model = _prior_model(weights, labels, f'model.image.concat=["test_efficientnet={other}"]')
+    images = torch.randn(3, 3, 64, 64)
+    label_emb = model.label_prior.label_embeddings
+    with torch.no_grad():
+        # per tower: its own classifier's top-2 mix of the label embeddings; then their normalised sum
+        per_tower = []
+        for tower in (classifier, other_classifier):
+            top_p, top_i = tower(images).softmax(-1).topk(2, dim=-1)
+            per_tower.append(F.normalize((top_p.unsqueeze(-1) * label_emb[top_i]).sum(1), dim=-1))
+        want = F.normalize(per_tower[0] + per_tower[1], dim=-1)
+        got = model.label_prior(model.image_tower_features(images))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(per_tower[0], per_tower[1], atol=1e-3)  # the two heads do differ
+
+
+def test_init_from_keeps_the_saved_prior_and_takes_the_runs_weight(classifier_weights, tmp_path):
+    _, weights, labels = classifier_weights
+    cfg, model = _prior_model(weights, labels, weight=0.5)
+    model.save_pretrained(tmp_path / "prior", build_tokenizer(cfg.model.text))
+    plain_cfg = load_config(["configs/tiny.yaml"], TINY)
+    ClipModel(plain_cfg.model).save_pretrained(tmp_path / "plain", build_tokenizer(plain_cfg.model.text))
+
+    def run(*overrides):
+        return load_config(["configs/tiny.yaml"], TINY + list(overrides)).model
+
+    kept = config_from_saved(tmp_path / "prior", run())  # the default weight 0 keeps the prior
+    assert kept.label_prior.weight == 0.5 and kept.label_prior.top_k == 2
+    retuned = run("model.label_prior.weight=2", "model.label_prior.top_k=3")
+    changed = config_from_saved(tmp_path / "prior", retuned)
+    assert changed.label_prior.weight == 2 and changed.label_prior.top_k == 3
+    with pytest.raises(ConfigError, match="keeps no frozen text copy for its label prior"):
+        config_from_saved(tmp_path / "prior", run("model.label_prior.frozen_text=true"))
+    with pytest.raises(ConfigError, match="has no label prior to start from"):
+        config_from_saved(tmp_path / "plain", run("model.label_prior.weight=0.5"))
+    assert config_from_saved(tmp_path / "plain", run()).label_prior.weight == 0

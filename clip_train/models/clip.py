@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from torch import nn
 
-from clip_train.config import ConfigError, ModelConfig, build_dataclass, concat_entry
+from clip_train.config import ConfigError, LabelPriorConfig, ModelConfig, build_dataclass, concat_entry
 from clip_train.models.dropout import swap_dropout
 from clip_train.models.label_prior import SHIPPED_LABEL_SETS, LabelPrior, read_labels
 from clip_train.models.pretrained import WeightsMismatchError
@@ -79,10 +79,8 @@ class ClipModel(nn.Module):
 
     def _build_label_prior(self) -> LabelPrior:
         prior_cfg = self.cfg.label_prior
-        try:
-            labels = read_labels(prior_cfg.labels)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        labels = read_labels(prior_cfg.labels)
+        self.label_names = labels  # written beside a saved model: the file may be gone by then
         towers = self.visual.towers if isinstance(self.visual, ConcatImageTowers) else [self.visual]
         widths = [tower.num_features for tower in towers]
         # Built from weights files (a new run): read the heads and embed the labels now. Otherwise
@@ -230,7 +228,7 @@ class ClipModel(nn.Module):
         labels = portable.label_prior.labels
         if portable.label_prior.weight > 0 and labels not in SHIPPED_LABEL_SETS:
             # a label file of the user's travels with the model
-            (folder / LABELS_NAME).write_text("\n".join(read_labels(labels)) + "\n", encoding="utf-8")
+            (folder / LABELS_NAME).write_text("\n".join(self.label_names) + "\n", encoding="utf-8")
             portable.label_prior.labels = LABELS_NAME
         config = {"format": "clip_train", "model": dataclasses.asdict(portable)}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
@@ -309,8 +307,35 @@ def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig
         saved.text, lock=trainable.text.lock, unlocked_layers=trainable.text.unlocked_layers
     )
     return dataclasses.replace(
-        saved, image=image, text=text, max_logit_scale=trainable.max_logit_scale, init_from=str(folder)
+        saved,
+        image=image,
+        text=text,
+        label_prior=_label_prior_from_saved(folder, saved.label_prior, trainable.label_prior),
+        max_logit_scale=trainable.max_logit_scale,
+        init_from=str(folder),
     )
+
+
+def _label_prior_from_saved(folder, saved: LabelPriorConfig, run: LabelPriorConfig) -> LabelPriorConfig:
+    """The saved model's label prior (its heads, label embeddings and text copy are in its weights);
+    the run may set its weight and top_k, which change no saved tensor. A run's weight of 0 (the
+    default) keeps the saved model's prior."""
+    if saved.weight == 0:
+        if run.weight > 0:
+            raise ConfigError(
+                f"model.init_from={folder} has no label prior to start from: leave "
+                "model.label_prior.weight=0, or train one from pretrained towers without model.init_from"
+            )
+        return saved
+    if run.frozen_text and not saved.frozen_text:
+        raise ConfigError(
+            f"model.init_from={folder} keeps no frozen text copy for its label prior: keep model.text "
+            "locked (model.text.lock=true, model.text.unlocked_layers=0) and "
+            "model.label_prior.frozen_text=false"
+        )
+    if run.weight > 0:
+        return dataclasses.replace(saved, weight=run.weight, top_k=run.top_k)
+    return dataclasses.replace(saved)
 
 
 def load_saved_weights(model: ClipModel, folder: str | Path) -> None:

@@ -10,7 +10,7 @@ tower's embeddings of the top-k class names ("a photo of a sandal.", ...). It li
 tower's space, so ClipModel compares it with the text tower's own (unprojected) embedding of a
 caption, beside the learned projections (see ClipModel.encode_text).
 
-    prior = LabelPrior(heads, label_embeddings_dim=384, num_labels=1000, top_k=10)
+    prior = LabelPrior(widths=[1280], num_labels=1000, label_dim=384, top_k=10, heads=[(weight, bias)])
     prior.set_label_embeddings(text_embeddings)   # [1000, 384], L2-normalised rows
     prior(features)                               # [B, 384], L2-normalised
 
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_train.config import ConfigError
+
 LABEL_SETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "classnames"
 # The label sets that ship with the package: name -> file (one class name per line, line i = row i
 # of the classifier head). imagenet: the 1,000 ImageNet-1k classes in the readable names of the CLIP
@@ -35,10 +37,10 @@ SHIPPED_LABEL_SETS = {"imagenet": LABEL_SETS_DIR / "imagenet.txt"}
 
 
 def read_labels(spec: str) -> list[str]:
-    """Class names of a shipped set ("imagenet") or a file, one per line; raises ValueError naming the fix."""
+    """Class names of a shipped set ("imagenet") or a file, one per line (ConfigError naming the fix)."""
     path = SHIPPED_LABEL_SETS.get(spec) or Path(spec).expanduser()
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"model.label_prior.labels={spec!r} is neither a shipped set ({', '.join(SHIPPED_LABEL_SETS)}) "
             "nor a file: give a text file with one class name per line, in the classifier's order"
         )
@@ -46,7 +48,7 @@ def read_labels(spec: str) -> list[str]:
     while names and not names[-1]:
         names.pop()
     if not names or not all(names):
-        raise ValueError(f"label file {path} is empty or has a blank line: line i names classifier row i")
+        raise ConfigError(f"label file {path} is empty or has a blank line: line i names classifier row i")
     return names
 
 
@@ -73,7 +75,7 @@ class LabelPrior(nn.Module):
         for i, width in enumerate(self.widths):
             weight, bias = heads[i] if heads else (torch.zeros(num_labels, width), torch.zeros(num_labels))
             if tuple(weight.shape) != (num_labels, width) or tuple(bias.shape) != (num_labels,):
-                raise ValueError(
+                raise ConfigError(
                     f"image tower {i}'s classifier is {tuple(weight.shape)} but the towers give {width} "
                     f"features and the labels are {num_labels}: give model.label_prior.labels with one "
                     "name per classifier row"
@@ -87,8 +89,14 @@ class LabelPrior(nn.Module):
         self.label_embeddings.copy_(F.normalize(embeddings.float(), dim=-1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # in fp32 under autocast too: a 1,000-way softmax and its top k are where bf16 rounding
+        # would reorder near-ties
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self._prior(features.float()).to(features.dtype)
+
+    def _prior(self, features: torch.Tensor) -> torch.Tensor:
         prior = 0
-        for i, part in enumerate(features.float().split(self.widths, dim=-1)):
+        for i, part in enumerate(features.split(self.widths, dim=-1)):
             weight, bias = getattr(self, f"head_weight_{i}"), getattr(self, f"head_bias_{i}")
             probs = F.linear(part, weight, bias).softmax(dim=-1)
             # only the top k: the long tail of a 1,000-way softmax is noise that pulls every image
@@ -96,4 +104,4 @@ class LabelPrior(nn.Module):
             top_probs, top_labels = probs.topk(self.top_k, dim=-1)
             mixed = (top_probs.unsqueeze(-1) * self.label_embeddings[top_labels]).sum(dim=1)
             prior = prior + F.normalize(mixed, dim=-1)
-        return F.normalize(prior, dim=-1).to(features.dtype)
+        return F.normalize(prior, dim=-1)

@@ -340,7 +340,7 @@ def read_classifier_head(
             if k.startswith("_fc.")
         }
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
-    prefix = classifier if isinstance(classifier, str) else classifier[-1]
+    prefix = classifier if isinstance(classifier, str) else classifier[0]  # distilled models: the main head
     weight, bias = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
     if weight is None or bias is None or weight.ndim != 2:
         raise WeightsMismatchError(
