@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,29 @@ def _repo():
 def _losses(run_dir) -> dict[int, float]:
     # a resumed run appends: the last record of each step is the one that counts
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+def _resumes_exactly(tmp_path, tiny_data, *extra) -> dict[int, float]:
+    """Train straight and killed-at-6-then-resumed with `extra`; steps 5-8 must give the same
+    losses. Returns the straight run's losses."""
+    straight = _train(tmp_path / "straight", tiny_data, *extra)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _train(tmp_path / "resumed", tiny_data, *extra, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9
+    resumed = _train(tmp_path / "resumed", tiny_data, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+    return want
+
+
+def _clip_eval(run_dir, out) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_train", "eval", str(run_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=_repo(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((Path(out) / "summary.json").read_text())
 
 
 def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data):
@@ -76,13 +100,7 @@ def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data
     assert "retrieval/text_retrieval_recall@1" in again.stdout
 
     # clip-eval on the run directory reproduces the trainer's final numbers from the saved model
-    out = tmp_path / "clip_eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "clip_train", "eval", str(tmp_path / "resumed"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=_repo(),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _clip_eval(tmp_path / "resumed", tmp_path / "clip_eval")
     for key in ("shapes/acc1", "retrieval/text_retrieval_recall@1", "retrieval/image_retrieval_recall@5"):
         assert summary[key] == pytest.approx(evals[-1][key])
 
@@ -91,15 +109,7 @@ def test_cached_image_views_resume_exactly_and_augment(tmp_path, tiny_data):
     # The feature cache is not checkpointed: the resumed run recomputes each view's features, which
     # must be the values the uninterrupted run had cached, or the losses after the resume differ.
     cached = ["model.image.lock=true", "train.cache_image_features=true"]
-    views = [*cached, "train.cache_image_views=3"]
-    straight = _train(tmp_path / "straight", tiny_data, *views)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _train(tmp_path / "resumed", tiny_data, *views, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
-    assert killed.returncode == -9
-    resumed = _train(tmp_path / "resumed", tiny_data, *views)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
-    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+    want = _resumes_exactly(tmp_path, tiny_data, *cached, "train.cache_image_views=3")
     # one fixed (eval) view per image trains on other inputs: the views are augmentations
     one_view = _train(tmp_path / "one_view", tiny_data, *cached)
     assert one_view.returncode == 0, one_view.stderr[-2000:]
@@ -137,27 +147,14 @@ def test_a_label_prior_run_resumes_exactly_and_its_saved_model_evaluates_the_sam
         f"model.label_prior.labels={labels}",
         "model.label_prior.frozen_text=true",  # tiny.yaml trains the whole text tower
     ]
-    straight = _train(tmp_path / "straight", tiny_data, *prior)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _train(tmp_path / "resumed", tiny_data, *prior, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
-    assert killed.returncode == -9
-    resumed = _train(tmp_path / "resumed", tiny_data, *prior)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
-    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
+    want = _resumes_exactly(tmp_path, tiny_data, *prior)
     without = _train(tmp_path / "without", tiny_data, *prior[:3])
     assert without.returncode == 0, without.stderr[-2000:]
     assert _losses(tmp_path / "without")[1] != pytest.approx(want[1], abs=1e-4)  # the prior is in the loss
 
     labels.unlink()  # the saved model carries its labels and heads
     weights.unlink()
-    out = tmp_path / "clip_eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "clip_train", "eval", str(tmp_path / "resumed"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=_repo(),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _clip_eval(tmp_path / "resumed", tmp_path / "clip_eval")
     final = read_metrics(tmp_path / "resumed", "eval")[-1]
     for key in ("shapes/acc1", "retrieval/text_retrieval_recall@1", "retrieval/image_retrieval_recall@5"):
         assert summary[key] == pytest.approx(final[key])
