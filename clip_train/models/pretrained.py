@@ -272,15 +272,9 @@ def remap_keys(state: dict[str, torch.Tensor], spec: str, model: nn.Module) -> d
     )
 
 
-def load_image_weights(model: nn.Module, path: str | Path, remap: str = "") -> None:
-    """Load a .pth/.safetensors state dict into a timm model, strictly.
-
-    Every tensor of the model must be filled and every tensor of the file used, except the classifier
-    of a file trained for classification when the tower has none (num_classes=0). lukemelas-style
-    EfficientNet(-Lite) files are renamed to timm's naming first; `remap` (see remap_keys) renames
-    the keys of any other layout.
-    """
-    path = Path(path)
+def _read_in_timm_names(model: nn.Module, path: Path, remap: str) -> dict[str, torch.Tensor]:
+    """A weights file's state dict under the timm model's key names: `remap` first, then the
+    lukemelas EfficientNet renaming when the keys have that layout."""
     state = read_state_dict(path)
     if remap:
         state = remap_keys(state, remap, model)
@@ -291,10 +285,27 @@ def load_image_weights(model: nn.Module, path: str | Path, remap: str = "") -> N
                 f"{path} holds EfficientNet weights but {type(model).__name__} is not a timm EfficientNet"
             )
         state = remap_lukemelas_efficientnet(state, [len(stage) for stage in blocks])
+    return state
 
-    own = model.state_dict()
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The module names of a timm model's classification head(s); the main head first."""
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
-    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
+def load_image_weights(model: nn.Module, path: str | Path, remap: str = "") -> None:
+    """Load a .pth/.safetensors state dict into a timm model, strictly.
+
+    Every tensor of the model must be filled and every tensor of the file used, except the classifier
+    of a file trained for classification when the tower has none (num_classes=0). lukemelas-style
+    EfficientNet(-Lite) files are renamed to timm's naming first; `remap` (see remap_keys) renames
+    the keys of any other layout.
+    """
+    path = Path(path)
+    state = _read_in_timm_names(model, path, remap)
+    own = model.state_dict()
+    prefixes = _classifier_names(model)
     unexpected = {
         k
         for k in state.keys() - own.keys()
@@ -330,17 +341,8 @@ def read_classifier_head(
     one (num_classes=0): the head load_image_weights leaves out. Raises WeightsMismatchError when the
     file has none."""
     path = Path(path)
-    state = read_state_dict(path)
-    if remap:
-        state = remap_keys(state, remap, model)
-    if is_lukemelas_efficientnet(state):
-        state = {
-            ".".join([_TOP_LEVEL["_fc"], *k.split(".")[1:]]): v
-            for k, v in state.items()
-            if k.startswith("_fc.")
-        }
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
-    prefix = classifier if isinstance(classifier, str) else classifier[0]  # distilled models: the main head
+    state = _read_in_timm_names(model, path, remap)
+    prefix = _classifier_names(model)[0]  # distilled models have two heads: the main one
     weight, bias = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
     if weight is None or bias is None or weight.ndim != 2:
         raise WeightsMismatchError(
