@@ -33,7 +33,15 @@ from safetensors.torch import load_file
 
 from clip_train import checkpoint
 from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
-from clip_train.config import ConfigError, DataConfig, RunConfig, concat_entry, save_config, to_dict
+from clip_train.config import (
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    check_run_dir,
+    save_config,
+    to_dict,
+    validate,
+)
 from clip_train.data import DataError
 from clip_train.data.pipeline import (
     SKIP_REASONS,
@@ -169,60 +177,6 @@ def training_transforms(model: ClipModel, cfg: RunConfig) -> tuple:
     return train, fixed_view, evaluate
 
 
-def check_run_config(cfg: RunConfig) -> None:
-    """Combinations of settings that cannot work, caught before anything is loaded."""
-    if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
-        raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
-    image = cfg.model.image
-    if cfg.train.cache_image_features and not (
-        image.lock and image.unlocked_groups == 0 and image.freeze_bn_stats
-    ):
-        raise ConfigError(
-            "train.cache_image_features needs a fully locked image tower: set model.image.lock=true, "
-            "model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true"
-        )
-    if cfg.data.gray_invert_prob > 0 and cfg.train.cache_image_features and cfg.train.cache_image_views == 1:
-        raise ConfigError(
-            "data.gray_invert_prob augments training images, but train.cache_image_features trains on "
-            "one fixed eval view: set train.cache_image_views > 1 (views are augmented) or "
-            "data.gray_invert_prob=0"
-        )
-    bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
-    if bare and not cfg.model.init_from:
-        # a name alone is how a saved model records its extra towers (their weights are in its file);
-        # in a new run it would be a randomly initialised frozen tower
-        raise ConfigError(
-            f"model.image.concat entry {bare[0]} has no weights: write it as {bare[0]}=WEIGHTS "
-            "(a file or package:...), or start from a saved model with model.init_from"
-        )
-    if cfg.model.label_prior.weight > 0:
-        text = cfg.model.text
-        # the prior reads the pretrained features with their own classifier and compares with the
-        # frozen text space: a tower that trains would drift away from both
-        if not (image.lock and image.unlocked_groups == 0 and image.freeze_bn_stats):
-            raise ConfigError(
-                "model.label_prior needs a fully locked image tower: set model.image.lock=true, "
-                "model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true "
-                "(or model.label_prior.weight=0)"
-            )
-        if not (text.lock and text.unlocked_layers == 0) and not cfg.model.label_prior.frozen_text:
-            raise ConfigError(
-                "model.label_prior needs a locked text tower: set model.text.lock=true and "
-                "model.text.unlocked_layers=0, or keep a frozen copy for the prior with "
-                "model.label_prior.frozen_text=true"
-            )
-        if not image.pretrained and not cfg.model.init_from:
-            raise ConfigError(
-                "model.label_prior needs pretrained image weights with their classifier head: set "
-                "model.image.pretrained (e.g. package:efficientnet-lite0)"
-            )
-    if cfg.train.cache_image_views > 1 and not cfg.train.cache_image_features:
-        raise ConfigError(
-            f"train.cache_image_views={cfg.train.cache_image_views} needs train.cache_image_features=true "
-            "(or set train.cache_image_views=1)"
-        )
-
-
 def any_rank(flags: list[bool], device) -> list[bool]:
     """Each flag true on every rank when it is true on at least one (one collective for all of
     them, which every rank must call)."""
@@ -287,7 +241,8 @@ def segment_seed(seed: int, segment: int, data_pass: int) -> int:
 
 def main(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
-    check_run_config(cfg)
+    check_run_dir(run_dir)  # before anything else: a wrong path costs nothing and leaves nothing
+    validate(cfg)
     # Fail on missing shards, or on readers left without a shard, before a model is built or a
     # process group waits. (WORLD_SIZE: set by torchrun / accelerate launch before we start.)
     sources = train_sources(cfg.data)
@@ -319,7 +274,7 @@ def main(cfg: RunConfig) -> dict:
         # resolved before the fingerprint below, so that the saved config.yaml (which holds the
         # resolved architecture) resumes the run too
         cfg.model = config_from_saved(init_folder, cfg.model)
-        check_run_config(cfg)  # the saved architecture (a label prior, say) against what trains
+        validate(cfg)  # the saved architecture (a label prior, say) against what trains
     expected_meta = {
         "model": to_dict(cfg.model),
         # everything below decides which samples each step reads (see the module docstring)

@@ -40,8 +40,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("optim", "override 'optim' is not key=value"),
         ("loss.impl=tile", "did you mean tiled?"),
         ("loss.kind=sigmoid", "loss.kind='sigmoid'"),
-        ("train.accum_steps=0", "train.accum_steps must be at least 1"),
-        ("loss.block_size=0", "loss.block_size must be at least 1"),
+        ("train.accum_steps=0", "train.accum_steps=0 is out of range: it must be at least 1"),
+        ("loss.block_size=0", "loss.block_size=0 is out of range: it must be at least 1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, message):
@@ -99,3 +99,67 @@ def test_temperature_and_bias_start_from_the_chosen_losses_convention():
         [], REQUIRED + ["loss.kind=siglip", "model.init_logit_bias=-5", "model.init_logit_scale=1"]
     )
     assert mine.model.init_logit_scale == 1.0 and mine.model.init_logit_bias == -5.0
+
+
+# Keys without a range, each for a reason: the log temperature and bias may be any real number.
+UNBOUNDED = {"model.init_logit_scale", "model.init_logit_bias"}
+
+
+def _numeric_fields(schema, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, prefix + f.name + ".")
+            continue
+        origin_args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and origin_args and dataclasses.is_dataclass(origin_args[0]):
+            yield from _numeric_fields(origin_args[0], prefix + f.name + "[].")
+        elif tp in (int, float) or (typing.get_origin(tp) is not list and set(origin_args) & {int, float}):
+            yield prefix + f.name, f
+
+
+def test_every_numeric_setting_has_a_range_unless_it_is_listed_as_unbounded():
+    # scalars: lists of numbers (image mean/std, WiSE-FT alphas) have no single range
+    missing = [
+        key for key, f in _numeric_fields(RunConfig) if "range" not in f.metadata and key not in UNBOUNDED
+    ]
+    assert not missing, f"give these keys a _range(...) in config/schema.py: {missing}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size=0 is out of range: it must be at least 1"),
+        ("data.num_workers=-1", "data.num_workers=-1 is out of range: it must be at least 0"),
+        ("train.steps=-5", "train.steps=-5 is out of range: it must be at least 1"),
+        ("optim.beta2=1", "optim.beta2=1.0 is out of range: it must be in [0, 1)"),
+        ("optim.eps=0", "optim.eps=0.0 is out of range: it must be above 0"),
+        ("data.max_skip_frac=1.5", "data.max_skip_frac=1.5 is out of range: it must be in [0, 1]"),
+        ("optim.lr=nan", "optim.lr=nan is out of range"),
+        ("optim.layer_decay=0", "optim.layer_decay=0.0 is out of range: it must be in (0, 1]"),
+        ("eval.zeroshot=[{dataset: x, limit: -1}]", "eval.zeroshot[0].limit=-1 is out of range"),
+        ("data.crop_scale_min=0.95", "data.crop_scale_min=0.95 is above data.crop_scale_max=0.9"),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_the_range(override, message):
+    extra = ["data.crop_scale_max=0.9"] if "crop_scale_min" in override else []
+    with pytest.raises(ConfigError) as err:
+        load_config([], REQUIRED + extra + [override])
+    assert message in str(err.value)
+
+
+def test_a_run_dir_that_is_a_file_or_below_one_is_refused(tmp_path):
+    from clip_train.config import check_run_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=f"run_dir={afile} is a file, not a directory"):
+        check_run_dir(afile)
+    with pytest.raises(ConfigError, match=f"lies below {afile}, which is a file"):
+        check_run_dir(afile / "sub" / "run")
+    check_run_dir(tmp_path / "new" / "run")  # not there yet: made later
+    assert not (tmp_path / "new").exists()

@@ -5,9 +5,9 @@ import contextlib
 import pytest
 import torch
 
-from clip_train.config import ConfigError, load_config
+from clip_train.config import ConfigError, load_config, validate
 from clip_train.models.clip import ClipModel
-from clip_train.train import ImageFeatureCache, check_run_config, due, segment_seed, training_transforms
+from clip_train.train import ImageFeatureCache, due, segment_seed, training_transforms
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 
@@ -23,27 +23,31 @@ def test_segment_seeds_differ_by_segment_and_pass_and_are_stable():
     assert segment_seed(3, 2, 1) == segment_seed(3, 2, 1)
 
 
+def _load(*overrides):
+    return load_config(["configs/tiny.yaml"], TINY + list(overrides))
+
+
 def test_feature_cache_needs_a_fully_locked_image_tower():
-    cfg = load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_features=true"])
     with pytest.raises(ConfigError, match="model.image.lock=true"):
-        check_run_config(cfg)
-    cfg.model.image.lock = True
-    cfg.model.image.unlocked_groups = 1
+        _load("train.cache_image_features=true")
     with pytest.raises(ConfigError, match="unlocked_groups=0"):
-        check_run_config(cfg)
-    cfg.model.image.unlocked_groups = 0
-    check_run_config(cfg)
+        _load("train.cache_image_features=true", "model.image.lock=true", "model.image.unlocked_groups=1")
+    cfg = _load("train.cache_image_features=true", "model.image.lock=true")
+    cfg.model.image.freeze_bn_stats = False  # validate() holds the same rule for code that builds a config
+    with pytest.raises(ConfigError, match="freeze_bn_stats=true"):
+        validate(cfg)
 
 
 def test_gray_invert_needs_augmented_training_images_and_a_probability():
     cached = ["model.image.lock=true", "train.cache_image_features=true", "data.gray_invert_prob=0.5"]
-    cfg = load_config(["configs/tiny.yaml"], TINY + cached)
     with pytest.raises(ConfigError, match="data.gray_invert_prob augments training images"):
-        check_run_config(cfg)  # one fixed eval view per image would silently ignore it
-    check_run_config(load_config(["configs/tiny.yaml"], TINY + [*cached, "train.cache_image_views=2"]))
-    check_run_config(load_config(["configs/tiny.yaml"], TINY + ["data.gray_invert_prob=0.5"]))
-    with pytest.raises(ConfigError, match=r"data.gray_invert_prob must be in \[0, 1\], got 1.5"):
-        load_config(["configs/tiny.yaml"], TINY + ["data.gray_invert_prob=1.5"])
+        _load(*cached)  # one fixed eval view per image would silently ignore it
+    _load(*cached, "train.cache_image_views=2")
+    _load("data.gray_invert_prob=0.5")
+    with pytest.raises(
+        ConfigError, match=r"data.gray_invert_prob=1.5 is out of range: it must be in \[0, 1\]"
+    ):
+        _load("data.gray_invert_prob=1.5")
 
 
 def test_the_run_trains_on_gray_inverted_crops_when_asked():
@@ -58,30 +62,24 @@ def test_the_run_trains_on_gray_inverted_crops_when_asked():
 
 
 def test_concat_entries_of_a_new_run_need_weights():
-    cfg = load_config(["configs/tiny.yaml"], TINY + ['model.image.concat=["test_resnet"]'])
     with pytest.raises(
         ConfigError, match="entry test_resnet has no weights: write it as test_resnet=WEIGHTS"
     ):
-        check_run_config(cfg)
-    cfg.model.init_from = "/a/saved/model"  # a saved model's config names them alone
-    check_run_config(cfg)
+        _load('model.image.concat=["test_resnet"]')
+    _load('model.image.concat=["test_resnet"]', "model.init_from=/a/saved/model")  # a saved model's names
 
 
 def test_cached_views_need_the_feature_cache_and_a_positive_count():
-    cfg = load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_views=3"])
     with pytest.raises(ConfigError, match="needs train.cache_image_features=true"):
-        check_run_config(cfg)
-    with pytest.raises(ConfigError, match="train.cache_image_views must be at least 1, got 0"):
-        load_config(["configs/tiny.yaml"], TINY + ["train.cache_image_views=0"])
+        _load("train.cache_image_views=3")
+    with pytest.raises(ConfigError, match="train.cache_image_views=0 is out of range: it must be at least 1"):
+        _load("train.cache_image_views=0")
 
 
 def test_wise_ft_without_evaluation_tasks_is_refused_before_training():
-    cfg = load_config(["configs/tiny.yaml"], TINY + ["finetune.wise_alphas=[0, 1]", "eval.zeroshot=[]"])
-    cfg.data.val_shards = ""
     with pytest.raises(ConfigError, match="needs evaluation tasks"):
-        check_run_config(cfg)
-    cfg.data.val_shards = "/data/val.tar"
-    check_run_config(cfg)
+        _load("finetune.wise_alphas=[0, 1]", "eval.zeroshot=[]")
+    _load("finetune.wise_alphas=[0, 1]", "eval.zeroshot=[]", "data.val_shards=/data/val.tar")
 
 
 def test_feature_cache_returns_the_towers_output_and_computes_each_sample_once():

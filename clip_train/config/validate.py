@@ -1,0 +1,119 @@
+"""The rules between keys, checked once for a whole run config (load_config calls validate).
+
+Single keys (types, choices, ranges) are checked as they are read (load.py); what is here needs
+two or more keys together. Code below the config can trust a config that passed both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from clip_train.config.schema import ConfigError, DataConfig, RunConfig, concat_entry
+
+FULLY_LOCKED_IMAGE = (
+    "model.image.lock=true, model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true"
+)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every rule between keys of a run config; raises ConfigError naming the keys and the fix."""
+    check_data_sources(cfg.data)
+    if cfg.data.crop_scale_min > cfg.data.crop_scale_max:
+        raise ConfigError(
+            f"data.crop_scale_min={cfg.data.crop_scale_min} is above data.crop_scale_max="
+            f"{cfg.data.crop_scale_max}: the crop scale range must be min <= max"
+        )
+    if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
+        raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
+    _check_feature_cache(cfg)
+    image = cfg.model.image
+    bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
+    if bare and not cfg.model.init_from:
+        # a name alone is how a saved model records its extra towers (their weights are in its file);
+        # in a new run it would be a randomly initialised frozen tower
+        raise ConfigError(
+            f"model.image.concat entry {bare[0]} has no weights: write it as {bare[0]}=WEIGHTS "
+            "(a file or package:...), or start from a saved model with model.init_from"
+        )
+    _check_label_prior(cfg)
+
+
+def _image_fully_locked(cfg: RunConfig) -> bool:
+    image = cfg.model.image
+    return image.lock and image.unlocked_groups == 0 and image.freeze_bn_stats
+
+
+def _check_feature_cache(cfg: RunConfig) -> None:
+    train = cfg.train
+    if train.cache_image_features and not _image_fully_locked(cfg):
+        raise ConfigError(
+            f"train.cache_image_features needs a fully locked image tower: set {FULLY_LOCKED_IMAGE}"
+        )
+    if cfg.data.gray_invert_prob > 0 and train.cache_image_features and train.cache_image_views == 1:
+        raise ConfigError(
+            "data.gray_invert_prob augments training images, but train.cache_image_features trains on "
+            "one fixed eval view: set train.cache_image_views > 1 (views are augmented) or "
+            "data.gray_invert_prob=0"
+        )
+    if train.cache_image_views > 1 and not train.cache_image_features:
+        raise ConfigError(
+            f"train.cache_image_views={train.cache_image_views} needs train.cache_image_features=true "
+            "(or set train.cache_image_views=1)"
+        )
+
+
+def _check_label_prior(cfg: RunConfig) -> None:
+    if cfg.model.label_prior.weight <= 0:
+        return
+    text = cfg.model.text
+    # the prior reads the pretrained features with their own classifier and compares with the
+    # frozen text space: a tower that trains would drift away from both
+    if not _image_fully_locked(cfg):
+        raise ConfigError(
+            f"model.label_prior needs a fully locked image tower: set {FULLY_LOCKED_IMAGE} "
+            "(or model.label_prior.weight=0)"
+        )
+    if not (text.lock and text.unlocked_layers == 0) and not cfg.model.label_prior.frozen_text:
+        raise ConfigError(
+            "model.label_prior needs a locked text tower: set model.text.lock=true and "
+            "model.text.unlocked_layers=0, or keep a frozen copy for the prior with "
+            "model.label_prior.frozen_text=true"
+        )
+    if not cfg.model.image.pretrained and not cfg.model.init_from:
+        raise ConfigError(
+            "model.label_prior needs pretrained image weights with their classifier head: set "
+            "model.image.pretrained (e.g. package:efficientnet-lite0)"
+        )
+
+
+def check_data_sources(data: DataConfig) -> None:
+    """Exactly one of train_shards and sources; names filled in and unique (weights: schema)."""
+    if bool(data.train_shards) == bool(data.sources):
+        raise ConfigError(
+            "set exactly one of data.train_shards (one shard spec) and data.sources "
+            "(a list of {shards, weight}): "
+            + ("both are set" if data.sources else "missing required config value data.train_shards")
+        )
+    for i, source in enumerate(data.sources):
+        source.name = source.name or f"source{i}"
+    names = [source.name for source in data.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources names must be unique, got {names}: set data.sources[i].name")
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """A run directory that can be made and written: not a file, below no file, writable.
+
+    Checked before anything else of a run, so that a wrong path costs no model build and leaves
+    nothing behind."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run_dir={run_dir} is a file, not a directory: choose another run_dir")
+    existing = path
+    while not existing.exists():  # the deepest part that exists must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir={run_dir} lies below {existing}, which is a file: choose another run_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir={run_dir}: {existing} is not writable: choose another run_dir")
