@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from clip_train import preemption
 from clip_train.config import ConfigError, EvalConfig, RetrievalTask, ZeroShotTask, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
@@ -47,6 +48,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(TRAIN_USAGE)
         return 0 if argv else 2
+    preemption.install()  # first: a signal while torch loads must not kill the run (exit 143)
     paths = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     try:
@@ -57,9 +59,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         metrics = train.main(cfg)
-    except train.Preempted as e:
+    except preemption.Preempted as e:
         print(f"clip-train: {e}", file=sys.stderr)
-        return train.PREEMPTED_EXIT_CODE
+        return preemption.EXIT_CODE
     except _user_errors() as e:
         return _fail("clip-train", e)
     if metrics:

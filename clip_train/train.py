@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 
-from clip_train import checkpoint
+from clip_train import checkpoint, preemption
 from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
 from clip_train.config import (
     ConfigError,
@@ -71,14 +71,6 @@ KILL_AT_STEP_ENV = "CLIP_TRAIN_TEST_KILL_AT_STEP"
 SIGNAL_AT_STEP_ENV = "CLIP_TRAIN_TEST_SIGNAL_AT_STEP"
 # Test hook: make the loss NaN at these steps (comma-separated), to test the non-finite step skip.
 NAN_AT_STEPS_ENV = "CLIP_TRAIN_TEST_NAN_AT_STEPS"
-# SIGTERM / SIGUSR1 (a scheduler's preemption warning): checkpoint at the next step boundary, then
-# exit with this code, which launch scripts turn into a requeue (EX_TEMPFAIL).
-PREEMPTED_EXIT_CODE = 75
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """The run saved a checkpoint after a preemption signal and stopped; resume: auto continues it."""
 
 
 @dataclass
@@ -240,6 +232,7 @@ def segment_seed(seed: int, segment: int, data_pass: int) -> int:
 
 
 def main(cfg: RunConfig) -> dict:
+    preemption.install()  # clip-train did already; here for callers of main() itself
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)  # before anything else: a wrong path costs nothing and leaves nothing
     validate(cfg)
@@ -498,19 +491,13 @@ def main(cfg: RunConfig) -> dict:
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
     eval_metrics: dict = {}
 
-    preempt_requested = False
-
-    def request_preemption(signum, frame):
-        nonlocal preempt_requested
-        preempt_requested = True
-        print(f"rank {rank}: got {signal.Signals(signum).name}: checkpointing at the next step", flush=True)
-
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, request_preemption)
     nan_at = {int(s) for s in os.environ.get(NAN_AT_STEPS_ENV, "").split(",") if s.strip()}
     consecutive_skips = 0
     last_eval_step = -1
     model.train()
+    if state.step < total and any_rank([preemption.requested()], accelerator.device)[0]:
+        # signalled during start-up: nothing trained since the checkpoint resumed from (or none)
+        stop_preempted(logger, accelerator, state, "before its first step")
     logger.start_progress(total, state.step)
     step_start = time.perf_counter()
     while state.step < total:
@@ -540,7 +527,7 @@ def main(cfg: RunConfig) -> dict:
         bad_grad = cfg.train.precision != "fp16" and not torch.isfinite(grad_norm).item()
         # One all-reduce per step agrees on both: skip this step? stop after it (a signal arrived)?
         non_finite, preempt = any_rank(
-            [not torch.isfinite(loss).item() or bad_grad, preempt_requested], accelerator.device
+            [not torch.isfinite(loss).item() or bad_grad, preemption.requested()], accelerator.device
         )
         if non_finite:
             consecutive_skips += 1
@@ -612,12 +599,7 @@ def main(cfg: RunConfig) -> dict:
         if state.step < total and preempt:
             if not due(state.step, cfg.train.ckpt_every, total):  # else just saved
                 save_checkpoint()
-            logger.log("preempted", state.step, {"samples_seen": state.samples_seen})
-            logger.close()
-            accelerator.end_training()
-            raise Preempted(
-                f"checkpointed at step {state.step} after a preemption signal: run again to resume"
-            )
+            stop_preempted(logger, accelerator, state, "checkpointed")
 
     # ---------------------------------------------------------------- finish
     if last_eval_step != state.step and (cfg.eval.zeroshot or cfg.data.val_shards):
@@ -638,6 +620,18 @@ def main(cfg: RunConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return eval_metrics
+
+
+def stop_preempted(logger: MetricsLogger, accelerator: Accelerator, state: TrainState, what: str) -> None:
+    """Record the stop and leave with Preempted (clip-train exits 75: requeue and resume)."""
+    logger.log(
+        "preempted", state.step, {"samples_seen": state.samples_seen, "signal": preemption.signal_name()}
+    )
+    logger.close()
+    accelerator.end_training()
+    raise preemption.Preempted(
+        f"stopped at step {state.step} after a preemption signal ({what}): run again to resume"
+    )
 
 
 def run_wise_ft(model, start_dir: Path, cfg: RunConfig, tokenizer, transform, accelerator, run_dir: Path):

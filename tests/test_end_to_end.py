@@ -2,13 +2,13 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from runs import REPO, losses, run_train
 
 from clip_train.config import ImageTowerConfig
 from clip_train.models.towers import build_image_tower
@@ -17,40 +17,16 @@ from clip_train.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def _train(run_dir, tiny_data, *extra, env=None):
-    shards = tiny_data["shards"]
-    cmd = [
-        sys.executable, "-m", "clip_train", "train", "configs/tiny.yaml",
-        f"run_dir={run_dir}",
-        f"data.train_shards={shards}/train-*.tar",
-        f"data.val_shards={shards}/val-000000.tar",
-        f"eval.zeroshot=[{{dataset: {tiny_data['classes']}, templates: ['a {{c}}', 'a {{c}} shape']}}]",
-        *extra,
-    ]  # fmt: skip
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=_repo()
-    )
-
-
-def _repo():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _losses(run_dir) -> dict[int, float]:
-    # a resumed run appends: the last record of each step is the one that counts
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
-
-
 def _resumes_exactly(tmp_path, tiny_data, *extra) -> dict[int, float]:
     """Train straight and killed-at-6-then-resumed with `extra`; steps 5-8 must give the same
     losses. Returns the straight run's losses."""
-    straight = _train(tmp_path / "straight", tiny_data, *extra)
+    straight = run_train(tmp_path / "straight", tiny_data, *extra)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _train(tmp_path / "resumed", tiny_data, *extra, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    killed = run_train(tmp_path / "resumed", tiny_data, *extra, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
     assert killed.returncode == -9
-    resumed = _train(tmp_path / "resumed", tiny_data, *extra)
+    resumed = run_train(tmp_path / "resumed", tiny_data, *extra)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
     return want
 
@@ -58,25 +34,25 @@ def _resumes_exactly(tmp_path, tiny_data, *extra) -> dict[int, float]:
 def _clip_eval(run_dir, out) -> dict[str, float]:
     proc = subprocess.run(
         [sys.executable, "-m", "clip_train", "eval", str(run_dir), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=_repo(),
+        capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads((Path(out) / "summary.json").read_text())
 
 
 def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data):
-    straight = _train(tmp_path / "straight", tiny_data)
+    straight = run_train(tmp_path / "straight", tiny_data)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    killed = _train(tmp_path / "resumed", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    killed = run_train(tmp_path / "resumed", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
     assert killed.returncode == -9  # SIGKILL: no handler ran, nothing was tidied up
     ckpts = tmp_path / "resumed" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-000000004"
-    resumed = _train(tmp_path / "resumed", tiny_data)
+    resumed = run_train(tmp_path / "resumed", tiny_data)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
 
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(want) == sorted(got) == list(range(1, 9))
     # Steps 5-8 after the resume see the same weights, optimizer state, RNG and batches.
     assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
@@ -94,7 +70,7 @@ def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data
 
     # starting a finished run again reports it and leaves its results alone
     results = (tmp_path / "resumed" / "results.json").read_text()
-    again = _train(tmp_path / "resumed", tiny_data)
+    again = run_train(tmp_path / "resumed", tiny_data)
     assert again.returncode == 0 and "already finished 8 steps" in again.stdout
     assert (tmp_path / "resumed" / "results.json").read_text() == results
     assert "retrieval/text_retrieval_recall@1" in again.stdout
@@ -111,9 +87,9 @@ def test_cached_image_views_resume_exactly_and_augment(tmp_path, tiny_data):
     cached = ["model.image.lock=true", "train.cache_image_features=true"]
     want = _resumes_exactly(tmp_path, tiny_data, *cached, "train.cache_image_views=3")
     # one fixed (eval) view per image trains on other inputs: the views are augmentations
-    one_view = _train(tmp_path / "one_view", tiny_data, *cached)
+    one_view = run_train(tmp_path / "one_view", tiny_data, *cached)
     assert one_view.returncode == 0, one_view.stderr[-2000:]
-    single = _losses(tmp_path / "one_view")
+    single = losses(tmp_path / "one_view")
     assert single[1] != pytest.approx(want[1], abs=1e-4)
 
 
@@ -121,7 +97,7 @@ def test_concatenated_locked_towers_train_from_the_cache_and_are_saved(tmp_path,
     weights = tmp_path / "resnet.pth"
     torch.save(build_image_tower(ImageTowerConfig(name="test_resnet")).state_dict(), weights)
     concat = [f'model.image.concat=["test_resnet={weights}"]']
-    proc = _train(
+    proc = run_train(
         tmp_path / "run", tiny_data, "model.image.lock=true", "train.cache_image_features=true", *concat
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -148,9 +124,9 @@ def test_a_label_prior_run_resumes_exactly_and_its_saved_model_evaluates_the_sam
         "model.label_prior.frozen_text=true",  # tiny.yaml trains the whole text tower
     ]
     want = _resumes_exactly(tmp_path, tiny_data, *prior)
-    without = _train(tmp_path / "without", tiny_data, *prior[:3])
+    without = run_train(tmp_path / "without", tiny_data, *prior[:3])
     assert without.returncode == 0, without.stderr[-2000:]
-    assert _losses(tmp_path / "without")[1] != pytest.approx(want[1], abs=1e-4)  # the prior is in the loss
+    assert losses(tmp_path / "without")[1] != pytest.approx(want[1], abs=1e-4)  # the prior is in the loss
 
     labels.unlink()  # the saved model carries its labels and heads
     weights.unlink()
@@ -161,7 +137,7 @@ def test_a_label_prior_run_resumes_exactly_and_its_saved_model_evaluates_the_sam
 
 
 def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
-    proc = _train(tmp_path / "run", tiny_data, f"data.train_shards={tmp_path}/nope-{{000..002}}.tar")
+    proc = run_train(tmp_path / "run", tiny_data, f"data.train_shards={tmp_path}/nope-{{000..002}}.tar")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "3 shard(s) not found" in lines[0]
@@ -169,16 +145,16 @@ def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
 
 
 def test_a_run_killed_after_its_final_checkpoint_still_gets_its_final_evaluation(tmp_path, tiny_data):
-    killed = _train(tmp_path / "run", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "8"})
+    killed = run_train(tmp_path / "run", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "8"})
     assert killed.returncode == -9 and not (tmp_path / "run" / "results.json").exists()
-    finished = _train(tmp_path / "run", tiny_data)
+    finished = run_train(tmp_path / "run", tiny_data)
     assert finished.returncode == 0, finished.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["step"] == 8 and "retrieval/text_retrieval_recall@1" in results
 
 
 def test_a_bad_model_setting_fails_in_one_line_and_leaves_no_run_dir(tmp_path, tiny_data):
-    proc = _train(tmp_path / "run", tiny_data, "model.image.name=resnet5")
+    proc = run_train(tmp_path / "run", tiny_data, "model.image.name=resnet5")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "clip-train: error: model.image.name=resnet5 is not a timm model: did you mean resnet50?"
@@ -190,7 +166,7 @@ def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_pa
     run_dir = tmp_path / "siglip"
     loss_settings = ["loss.kind=siglip", "loss.impl=tiled", "loss.block_size=5", "train.accum_steps=2"]
     loss_settings.append("train.grad_checkpointing=true")  # recomputation inside the GradCache replay
-    done = _train(run_dir, tiny_data, *loss_settings, "train.steps=4", "train.ckpt_every=2")
+    done = run_train(run_dir, tiny_data, *loss_settings, "train.steps=4", "train.ckpt_every=2")
     assert done.returncode == 0, done.stderr[-2000:]
     setup = read_metrics(run_dir, "setup")[0]
     assert setup["loss_kind"] == "siglip" and setup["loss_impl"] == "tiled" and setup["accum_steps"] == 2
@@ -202,14 +178,14 @@ def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_pa
     assert all(r["loss"] == r["loss"] for r in train)  # finite (NaN != NaN)
 
     # continuing with another accumulation would read the data differently: refused, one line
-    more = _train(run_dir, tiny_data, *loss_settings[:3], "train.accum_steps=1", "train.steps=6")
+    more = run_train(run_dir, tiny_data, *loss_settings[:3], "train.accum_steps=1", "train.steps=6")
     assert more.returncode == 2
     assert "accum_steps was 2 there and is 1 now" in more.stderr
 
 
 def test_nan_steps_are_skipped_logged_and_too_many_stop_the_run(tmp_path, tiny_data):
     run_dir = tmp_path / "nan"
-    done = _train(run_dir, tiny_data, "train.steps=6", env={"CLIP_TRAIN_TEST_NAN_AT_STEPS": "3"})
+    done = run_train(run_dir, tiny_data, "train.steps=6", env={"CLIP_TRAIN_TEST_NAN_AT_STEPS": "3"})
     assert done.returncode == 0, done.stderr[-2000:]
     skips = read_metrics(run_dir, "skip")
     assert [s["step"] for s in skips] == [3] and math.isnan(float(skips[0]["loss"]))
@@ -220,7 +196,7 @@ def test_nan_steps_are_skipped_logged_and_too_many_stop_the_run(tmp_path, tiny_d
     # the schedule did not advance on the skipped step: step 4 has the lr step 3 would have had
     assert train[4]["lr"] == pytest.approx(_train_lr(3, 6))
 
-    stopped = _train(
+    stopped = run_train(
         tmp_path / "nan2",
         tiny_data,
         "train.max_consecutive_skips=2",
@@ -237,48 +213,6 @@ def _train_lr(step: int, total: int) -> float:
     return 1e-3 * lr_factor(step, total, OptimConfig(lr=1e-3, warmup_steps=2))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_continues_the_same_losses(
-    tmp_path, tiny_data, num_workers
-):
-    import signal
-    import time
-
-    settings = [
-        "train.steps=30", "train.ckpt_every=20", "eval.zeroshot=[]", "data.val_shards=",
-        f"data.num_workers={num_workers}",
-    ]  # fmt: skip
-    straight = _train(tmp_path / "straight", tiny_data, *settings)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    shards = tiny_data["shards"]
-    cmd = [
-        sys.executable, "-m", "clip_train", "train", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}",
-        f"data.train_shards={shards}/train-*.tar", *settings,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_repo())
-    for line in proc.stdout:  # wait until training runs, then preempt
-        if line.startswith("[train 3]"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    start = time.time()
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]  # the requeue code
-    assert time.time() - start < 60
-    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
-    stopped_at = int(latest.removeprefix("step-"))
-    assert 3 <= stopped_at < 20  # inside the first checkpoint segment, at a step boundary
-    assert read_metrics(tmp_path / "run", "preempted")[0]["step"] == stopped_at
-
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=_repo())
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    # the loader dropped the used samples undecoded instead of reading batches again
-    assert f"skipping {stopped_at * 8} samples" in resumed.stdout
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
-    after = range(stopped_at + 1, 31)
-    assert [got[s] for s in after] == pytest.approx([want[s] for s in after], abs=1e-6)
-
-
 def test_weighted_sources_with_two_workers_resume_exactly_and_resume_changes_need_consent(
     tmp_path, tiny_data
 ):
@@ -288,25 +222,25 @@ def test_weighted_sources_with_two_workers_resume_exactly_and_resume_changes_nee
         f"{{shards: '{shards}/train-00000[1-9].tar', weight: 3, name: big}}]"
     )
     settings = [sources, "data.train_shards=", "data.num_workers=2", "eval.zeroshot=[]", "data.val_shards="]
-    straight = _train(tmp_path / "straight", tiny_data, *settings)
+    straight = run_train(tmp_path / "straight", tiny_data, *settings)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _train(tmp_path / "run", tiny_data, *settings, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    killed = run_train(tmp_path / "run", tiny_data, *settings, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
     assert killed.returncode == -9
     # another worker count changes the data order: refused, unless the config says it is fine
-    refused = _train(tmp_path / "run", tiny_data, *settings, "data.num_workers=0")
+    refused = run_train(tmp_path / "run", tiny_data, *settings, "data.num_workers=0")
     assert refused.returncode == 2
     assert "num_workers was 2 there and is 0 now" in refused.stderr
     assert "train.allow_resume_change=true" in refused.stderr
-    resumed = _train(tmp_path / "run", tiny_data, *settings)
+    resumed = run_train(tmp_path / "run", tiny_data, *settings)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
 
     record = read_metrics(tmp_path / "run", "train")[-1]
     assert record["data/share/small"] + record["data/share/big"] == pytest.approx(1.0)
     assert record["data/seen"] >= 4 * 8 and record["data/skipped"] == 0
 
-    allowed = _train(
+    allowed = run_train(
         tmp_path / "run", tiny_data, *settings, "data.num_workers=0", "train.steps=10",
         "train.allow_resume_change=true",
     )  # fmt: skip
@@ -316,7 +250,7 @@ def test_weighted_sources_with_two_workers_resume_exactly_and_resume_changes_nee
 
 def test_too_few_shards_for_the_readers_is_a_config_error_before_training(tmp_path, tiny_data):
     shards = tiny_data["shards"]
-    proc = _train(
+    proc = run_train(
         tmp_path / "run", tiny_data, f"data.train_shards={shards}/train-000000.tar",
         "data.resampled=false", "data.num_workers=2",
     )  # fmt: skip

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "clip_train"
 LAYERS = [
     {"config"},
-    {"distributed"},
+    {"distributed", "preemption"},
     {"models", "loss", "accumulation", "data", "optim", "checkpoint", "tracking"},
     {"flops"},  # counts a models.ClipModel's FLOPs
     {"evaluate", "export"},

@@ -44,6 +44,7 @@ import webdataset as wds
 from braceexpand import braceexpand  # webdataset's own dependency for {000..009} patterns
 from PIL import Image
 
+from clip_train import preemption
 from clip_train.data import DataError
 from clip_train.data.shards import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
 
@@ -424,8 +425,13 @@ def _loader(stages: list, num_workers: int, errors: DataErrors) -> torch.utils.d
     # A plain DataLoader rather than wds.WebLoader: WebLoader starts the DataLoader's iterator
     # lazily, at the first batch, and that is when torch's RNG is drawn for the workers' base seed;
     # a resume must be able to put the RNG back right after iter(loader) (see train.py).
+    # Workers ignore preemption signals sent to the whole job (see clip_train/preemption.py).
     loader = torch.utils.data.DataLoader(
-        wds.DataPipeline(*stages), batch_size=None, shuffle=False, num_workers=num_workers
+        wds.DataPipeline(*stages),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=preemption.ignore_in_worker if num_workers else None,
     )
     loader.data_errors = errors  # `loader.data_errors.stats()` -> {"seen": ..., "skipped": ...}
     return loader

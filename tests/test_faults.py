@@ -1,0 +1,73 @@
+"""Faults as clusters deliver them, tried from outside on real runs: signals to the whole job,
+bad data mixed into real shards, full disks, settings out of range."""
+
+import os
+import signal
+import time
+
+import pytest
+from runs import REPO, losses, run_train, start_in_own_group, train_command, wait_for_line, wait_until_handled
+
+from clip_train.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+NO_EVAL = ["eval.zeroshot=[]", "data.val_shards="]
+
+
+@pytest.mark.parametrize("num_workers, target", [(0, "process"), (2, "process"), (2, "group")])
+def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_continues_the_same_losses(
+    tmp_path, tiny_data, num_workers, target
+):
+    # "group": every process of the job gets it (timeout, systemd, Kubernetes, scancel), loader
+    # workers included; they must leave it to the main process instead of dying of it
+    settings = ["train.steps=30", "train.ckpt_every=20", *NO_EVAL, f"data.num_workers={num_workers}"]
+    straight = run_train(tmp_path / "straight", tiny_data, *settings)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    cmd = train_command(tmp_path / "run", tiny_data, *settings)
+    proc = start_in_own_group(cmd)
+    wait_for_line(proc, "[train 3]")  # training runs: preempt
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]  # the requeue code
+    assert time.time() - start < 60
+    assert "Traceback" not in err and "killed by signal" not in err
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    stopped_at = int(latest.removeprefix("step-"))
+    assert 3 <= stopped_at < 20  # inside the first checkpoint segment, at a step boundary
+    assert err.strip().splitlines()[-1] == (
+        f"clip-train: stopped at step {stopped_at} after a preemption signal (checkpointed): "
+        "run again to resume"
+    )
+    record = read_metrics(tmp_path / "run", "preempted")[0]
+    assert (record["step"], record["signal"]) == (stopped_at, "SIGTERM")
+
+    import subprocess
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the loader dropped the used samples undecoded instead of reading batches again
+    assert f"skipping {stopped_at * 8} samples" in resumed.stdout
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    after = range(stopped_at + 1, 31)
+    assert [got[s] for s in after] == pytest.approx([want[s] for s in after], abs=1e-6)
+
+
+def test_sigterm_to_the_group_during_start_up_exits_75_and_the_run_resumes(tmp_path, tiny_data):
+    cmd = train_command(tmp_path / "run", tiny_data, "train.steps=4", *NO_EVAL, "data.num_workers=2")
+    proc = start_in_own_group(cmd)
+    wait_until_handled(proc.pid)  # clip-train has installed its handler: torch is still loading
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert err.strip().splitlines() == [
+        "clip-train: stopped at step 0 after a preemption signal (before its first step): run again to resume"
+    ]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing to save
+    again = run_train(tmp_path / "run", tiny_data, "train.steps=4", *NO_EVAL, "data.num_workers=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
