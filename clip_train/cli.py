@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _fail(prog: str, error: Exception) -> int:
     # An error raised in a DataLoader worker comes back with the worker's traceback in its message;
-    # its last line is the message itself.
+    # its last line is the message itself, after the error's class path ("package.module.Error: ").
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    print(f"{prog}: error: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
+    message = re.sub(r"^(\w+\.)+\w*(Error|Exception): ", "", lines[-1]) if lines else type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -12,7 +12,6 @@ and a run resumed from the checkpoint at the start of a segment therefore read t
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -44,14 +43,13 @@ from clip_train.config import (
 )
 from clip_train.data import DataError
 from clip_train.data.pipeline import (
-    SKIP_REASONS,
-    DataErrors,
     Source,
     build_train_loader,
     check_readers,
     expand_urls,
     in_worker_order,
 )
+from clip_train.data.quality import SKIP_REASONS, DataCounts, SkipRateGuard, add_shard_counts
 from clip_train.evaluate.encode import image_chunk_size, in_chunks
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.finetune import default_metrics, format_wise_table, wise_ft_sweep, write_wise
@@ -85,6 +83,8 @@ class TrainState:
     data_pass: int = 0
     data_positions: dict[int, int] = dataclasses.field(default_factory=dict)
     data_next_worker: int = 0  # the loader worker whose batch comes next (they take turns)
+    # the skip-rate guard's window: [read, skipped] totals of the run (see SkipRateGuard)
+    skip_history: list = dataclasses.field(default_factory=list)
     rank: int = 0  # not saved: which entry of the saved per-rank data state is this process's
     # every rank's data state, filled by gather_data_state() before a save; accelerate writes the
     # main process's state_dict only, so the other ranks' streams must travel in it
@@ -105,10 +105,16 @@ class TrainState:
 
     def state_dict(self) -> dict:
         data = self.data_by_rank or {self.rank: self.local_data_state()}
-        return {"step": self.step, "samples_seen": self.samples_seen, "data_by_rank": data}
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "data_by_rank": data,
+            "skip_history": self.skip_history,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.skip_history = state.get("skip_history", [])  # absent in checkpoints before the guard
         if "data_by_rank" in state:
             by_rank = {int(r): d for r, d in state["data_by_rank"].items()}
             # A rank the checkpoint has no entry for (more processes than it was saved with, accepted
@@ -169,14 +175,18 @@ def training_transforms(model: ClipModel, cfg: RunConfig) -> tuple:
     return train, fixed_view, evaluate
 
 
-def any_rank(flags: list[bool], device) -> list[bool]:
-    """Each flag true on every rank when it is true on at least one (one collective for all of
-    them, which every rank must call)."""
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """values summed over all ranks: one all-reduce, which every rank must call at the same point."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return flags
-    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag true on every rank when it is true on at least one."""
+    return [v > 0 for v in sum_over_ranks([float(f) for f in flags], device)]
 
 
 def train_sources(data: DataConfig) -> list[Source]:
@@ -185,40 +195,18 @@ def train_sources(data: DataConfig) -> list[Source]:
     return [Source("train", data.train_shards)]
 
 
-class DataCounts:
-    """Samples read and skipped (by reason) and each source's share, since this process started:
-    the counts of loaders already replaced (one per checkpoint segment) are carried over."""
+def check_skip_rate(guard: SkipRateGuard, totals: list[int], shard_counts) -> None:
+    """totals: the run's [good, skipped per reason] over all ranks. Raises DataQualityError on every
+    rank at once (they agree on the totals); the worst shards are gathered from all of them."""
+    frac = guard.update(sum(totals), sum(totals[1:]))
+    if frac is None:
+        return
+    from accelerate.utils import gather_object
 
-    def __init__(self, sources: list[Source]):
-        self.names = [source.name for source in sources]
-        self.carried = collections.Counter()
-        self.per_source = collections.Counter()
-
-    def retire(self, loader) -> None:
-        if loader is not None:
-            self.carried.update(self._local(loader.data_errors))
-
-    def add_sources(self, names: list[str]) -> None:
-        self.per_source.update(names)
-
-    @staticmethod
-    def _local(errors: DataErrors) -> collections.Counter:
-        return collections.Counter({"seen": errors.stats()["seen"], **errors.skipped_by_reason()})
-
-    def metrics(self, loader, accelerator) -> dict:
-        """Summed over all processes: one all-reduce, which every rank calls at the same step."""
-        local = self.carried + self._local(loader.data_errors)
-        values = [local["seen"]] + [local[r] for r in SKIP_REASONS] + [self.per_source[n] for n in self.names]
-        total = accelerator.reduce(
-            torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum"
-        )
-        total = [int(v) for v in total.tolist()]
-        seen, skipped, per_source = total[0], total[1 : 1 + len(SKIP_REASONS)], total[1 + len(SKIP_REASONS) :]
-        out = {"data/seen": seen, "data/skipped": sum(skipped)}
-        out.update({f"data/skipped/{r}": n for r, n in zip(SKIP_REASONS, skipped, strict=True) if n})
-        read = max(sum(per_source), 1)
-        out.update({f"data/share/{n}": c / read for n, c in zip(self.names, per_source, strict=True)})
-        return out
+    shards: dict[str, tuple[int, int]] = {}
+    for counts in gather_object([shard_counts()]):
+        shards = add_shard_counts(shards, counts)
+    raise guard.error(frac, dict(zip(SKIP_REASONS, totals[1:], strict=True)), shards)
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -366,6 +354,7 @@ def main(cfg: RunConfig) -> dict:
     def save_checkpoint() -> None:
         """Every process: the full state at state.step, every rank's data stream included."""
         state.gather_data_state()
+        state.skip_history = skip_guard.state()
         meta = {**expected_meta, "samples_seen": state.samples_seen}
         checkpoint.save(accelerator, run_dir, state.step, meta, cfg.train.keep_last, gathered_exporter())
 
@@ -418,7 +407,6 @@ def main(cfg: RunConfig) -> dict:
             image_key=cfg.data.image_key,
             text_key=cfg.data.text_key,
             max_pixels=cfg.data.max_pixels,
-            max_skip_frac=cfg.data.max_skip_frac,
             with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
             decode_size=cfg.model.image.image_size if cfg.data.fast_decode else None,
             skip_through=skip_through,
@@ -446,7 +434,8 @@ def main(cfg: RunConfig) -> dict:
     # samples the interrupted run had used, so the data continues exactly where it stopped.
     # Starting a loader's iterator draws from torch's RNG (DataLoader's base seed); inside a
     # segment the checkpoint's RNG state already holds that draw: put the state back after it.
-    data_counts = DataCounts(sources)
+    data_counts = DataCounts([source.name for source in sources])
+    skip_guard = SkipRateGuard(cfg.data.max_skip_frac, cfg.data.skip_window, state.skip_history)
     loader = None
     rng_before_loader = (capture_rng(), random.getstate(), np.random.get_state())
     loader = make_loader(state.step, skip_through=state.data_positions)
@@ -525,10 +514,12 @@ def main(cfg: RunConfig) -> dict:
         # Under fp16 the GradScaler itself skips steps with non-finite gradients and lowers its
         # scale (optimizer.step must still run for that); only a non-finite loss is ours to skip.
         bad_grad = cfg.train.precision != "fp16" and not torch.isfinite(grad_norm).item()
-        # One all-reduce per step agrees on both: skip this step? stop after it (a signal arrived)?
-        non_finite, preempt = any_rank(
-            [not torch.isfinite(loss).item() or bad_grad, preemption.requested()], accelerator.device
-        )
+        # One all-reduce per step agrees on all three: skip this step? stop after it (a signal
+        # arrived)? too many bad samples over all workers and ranks?
+        flags = [not torch.isfinite(loss).item() or bad_grad, preemption.requested()]
+        agreed = sum_over_ranks([*map(float, flags), *data_counts.totals(loader)], accelerator.device)
+        non_finite, preempt = agreed[0] > 0, agreed[1] > 0
+        check_skip_rate(skip_guard, [int(v) for v in agreed[2:]], partial(data_counts.shard_counts, loader))
         if non_finite:
             consecutive_skips += 1
             logger.log(
@@ -581,7 +572,7 @@ def main(cfg: RunConfig) -> dict:
                     **flop_metrics(window["steps"] * global_batch / elapsed),
                     "data_wait_frac": window["data_wait"] / elapsed,
                     "samples_seen": state.samples_seen,
-                    **data_counts.metrics(loader, accelerator),
+                    **data_counts.metrics(loader, partial(sum_over_ranks, device=accelerator.device)),
                 },
             )
             window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}

@@ -21,14 +21,12 @@ from PIL import Image
 
 from clip_train.data import DataError
 from clip_train.data.pipeline import (
-    DataErrors,
-    DataQualityError,
-    SampleError,
     Source,
     build_train_loader,
     check_readers,
     in_worker_order,
 )
+from clip_train.data.quality import DataErrors, DataQualityError, SampleError, SkipRateGuard
 
 CONTEXT = 24
 
@@ -72,7 +70,6 @@ def loader(shards, **kwargs):
         resampled=False,
         shard_shuffle=1,
         sample_shuffle=1,
-        max_skip_frac=None,
         with_keys=True,
     )
     args.update(kwargs)
@@ -146,31 +143,56 @@ def test_each_kind_of_bad_data_is_counted_by_reason_and_never_fatal(tmp_path, nu
         assert any("(unreadable_shard)" in m and "b-truncated.tar" in m for m in messages)
 
 
-def test_the_skip_rate_guard_names_the_reasons_and_the_worst_shards():
-    errors = DataErrors(["good.tar", "bad.tar"], max_skip_frac=0.1, window=10)
+def test_a_bad_sample_is_counted_by_reason_and_shard():
+    errors = DataErrors(["good.tar", "bad.tar"])
     for _ in range(8):
         errors.ok("good.tar")
     errors(SampleError("no_caption", "bad.tar k1: no caption", "bad.tar"))
-    with pytest.raises(DataQualityError) as info:
-        errors(SampleError("undecodable_image", "bad.tar k2: junk", "bad.tar"))
-    message = str(info.value)
-    assert "20.0% of the last 10" in message
-    assert "no_caption 1, undecodable_image 1" in message
-    assert "worst shards: bad.tar (2 bad of 2)" in message and "good.tar" not in message.split("worst")[1]
+    errors(SampleError("undecodable_image", "bad.tar k2: junk", "bad.tar"))
+    assert errors.skipped_by_reason() == {"no_caption": 1, "undecodable_image": 1}
+    assert errors.shard_counts() == {"bad.tar": (2, 2)}  # good.tar had no bad sample
     with pytest.raises(TypeError):  # a bug in a transform is raised, not counted away
         errors(TypeError("transform bug"))
 
 
-def test_a_run_of_bad_shards_stops_the_loader(tmp_path):
-    (tmp_path / "bad").mkdir()
-    for i in range(3):
-        (tmp_path / "bad" / f"{i}.tar").write_bytes(b"this is not a tar file" * 10)
-    good_shard(tmp_path / "good.tar", "g", n=40)
-    mixed = f"{tmp_path}/good.tar::{tmp_path}/bad/{{0..2}}.tar"
-    run = loader(mixed, max_skip_frac=0.01, resampled=True, batch_size=2)
-    with pytest.raises(DataQualityError, match=r"worst shards: .*bad/\d\.tar"):
-        for _ in itertools.islice(run, 2000):
-            pass
+def test_the_skip_rate_guard_rolls_its_window_over_loader_rebuilds_and_restarts():
+    guard = SkipRateGuard(max_skip_frac=0.1, window=100)
+    # run totals (read, skipped) step by step: 5% bad, then a bad source sets in
+    assert [guard.update(read, read // 20) for read in range(20, 201, 20)] == [None] * 10
+    history = guard.state()
+    assert history[0] == [100, 5] and history[-1] == [200, 10]  # only what the window needs: saved
+    restarted = SkipRateGuard(max_skip_frac=0.1, window=100, history=history)  # a resumed process
+    # its own counts start at 0; 40 read, 20 of them bad: over the last 100 of the run, 23% bad
+    frac = restarted.update(40, 20)
+    assert frac == pytest.approx(
+        (200 // 20 + 20 - history[-len(history) + 1][1]) / (240 - history[1][0]), abs=0.2
+    )
+    assert frac > 0.1
+    error = restarted.error(
+        frac, {"no_caption": 3, "undecodable_image": 20}, {"bad.tar": (20, 25), "ok.tar": (3, 215)}
+    )
+    message = str(error)
+    assert (
+        isinstance(error, DataQualityError)
+        and "samples read were bad (limit data.max_skip_frac=10.0%)" in message
+    )
+    assert "by reason: no_caption 3, undecodable_image 20" in message
+    assert "worst shards: bad.tar (20 bad of 25), ok.tar (3 bad of 215)" in message
+
+
+def test_a_tar_cut_inside_its_last_member_counts_its_sample_once(tmp_path):
+    import tarfile
+
+    good_shard(tmp_path / "cut.tar", "c", n=4)
+    with tarfile.open(tmp_path / "cut.tar") as tar:
+        last = tar.getmembers()[-1]
+    data = (tmp_path / "cut.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: last.offset_data + last.size // 2])
+    for shuffle in (1, 100):  # the broken sample may come out of the shuffle buffer later
+        run = loader(str(tmp_path / "cut.tar"), batch_size=1, sample_shuffle=shuffle)
+        assert len(list(run)) == 3
+        assert run.data_errors.stats() == {"seen": 3, "skipped": 1, "skipped/unreadable_shard": 1}
+        assert run.data_errors.shard_counts() == {str(tmp_path / "cut.tar"): (1, 4)}
 
 
 # ------------------------------------------------------------------------------ resume

@@ -71,3 +71,70 @@ def test_sigterm_to_the_group_during_start_up_exits_75_and_the_run_resumes(tmp_p
     again = run_train(tmp_path / "run", tiny_data, "train.steps=4", *NO_EVAL, "data.num_workers=2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def _heavily_corrupted_shard(path, n=400, good_every=20):
+    """A real shard where most images are junk bytes (a broken crawl), a few are fine."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(good, "JPEG")
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            image = good.getvalue() if i % good_every == 0 else b"\xff\xd8 not a jpeg" * 8
+            sink.write({"__key__": f"heavy{i:05d}", "jpg": image, "txt": "a red square"})
+
+
+def test_a_heavily_corrupted_shard_stops_the_run_however_short_its_segments_and_many_its_workers(
+    tmp_path, tiny_data
+):
+    # Per worker and per checkpoint segment, each loader sees far fewer than the window's 1,000
+    # samples: only the run-wide rolling window can see that most samples are bad.
+    heavy = tmp_path / "heavy-000000.tar"
+    _heavily_corrupted_shard(heavy)
+    shards = f"{tiny_data['shards']}/train-000001.tar::{heavy}"
+    settings = [f"data.train_shards={shards}", "data.num_workers=2", "data.batch_size=16", *NO_EVAL]
+    proc = run_train(tmp_path / "run", tiny_data, *settings, "train.steps=60", "train.ckpt_every=4")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()[-1:]  # after the first few skips' warnings
+    assert lines[0].startswith("clip-train: error: ") and "clip_train." not in lines[0]  # no class path
+    assert "samples read were bad (limit data.max_skip_frac=1.0%); by reason: undecodable_image" in lines[0]
+    assert f"worst shards: {heavy} (" in lines[0]
+    assert "fix or drop those shards, or raise data.max_skip_frac" in lines[0]
+    train = read_metrics(tmp_path / "run", "train")
+    assert train and train[-1]["step"] < 60  # it stopped early
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size=0 is out of range: it must be at least 1"),
+        ("data.num_workers=-1", "data.num_workers=-1 is out of range: it must be at least 0"),
+        ("train.steps=-5", "train.steps=-5 is out of range: it must be at least 1"),
+    ],
+)
+def test_out_of_range_settings_fail_in_one_line_and_write_nothing(tmp_path, tiny_data, override, message):
+    proc = run_train(tmp_path / "run", tiny_data, override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"clip-train: error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_is_a_file_fails_in_one_line(tmp_path, tiny_data):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for run_dir, message in [
+        (afile, f"run_dir={afile} is a file, not a directory: choose another run_dir"),
+        (
+            afile / "sub",
+            f"run_dir={afile / 'sub'} lies below {afile}, which is a file: choose another run_dir",
+        ),
+    ]:
+        proc = run_train(run_dir, tiny_data)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"clip-train: error: {message}"]
+    assert afile.read_text() == "not a folder"

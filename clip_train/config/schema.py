@@ -162,8 +162,11 @@ class DataConfig:
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
     max_pixels: int = _range(50_000_000, 1)  # decompression-bomb guard
-    # Bad samples are skipped and counted; above this fraction over a window the run stops.
+    # Bad samples are skipped and counted; when more than this fraction of the last skip_window
+    # samples read (all loader workers and ranks together, across checkpoint segments) were bad,
+    # the run stops with the reasons and the worst shards.
     max_skip_frac: float = _range(0.01, 0, 1)
+    skip_window: int = _range(1000, 1)
     # Decode JPEGs larger than twice the model's image size at 1/2, 1/4 or 1/8 scale (never
     # below the image size) before the resize: much faster for big photos, nearly the same pixels.
     fast_decode: bool = True

@@ -11,10 +11,10 @@ workers. Both the shard order and the sample shuffle are seeded from (seed, rank
 loaders built with the same arguments yield identical batches.
 
 Bad samples (undecodable or oversized image, missing or empty caption, unreadable tar) are skipped
-and counted by one DataErrors handler given to every stage: it logs the first few with their shard
-URL and key, exposes the counts as `loader.data_errors.stats()`, and raises DataQualityError when the
-skip rate over a window passes `max_skip_frac` (silent data loss is the real failure mode). It is not
-wds.warn_and_continue, which sleeps 0.5 s per error.
+and counted by one DataErrors handler given to every stage (quality.py): it logs the first few with
+their shard URL and key and exposes the counts as `loader.data_errors.stats()`; the trainer's
+SkipRateGuard stops the run when too many are bad. It is not wds.warn_and_continue, which sleeps
+0.5 s per error.
 
 This module never imports the models: the image transform and the tokenizer arrive as callables.
 """
@@ -27,11 +27,9 @@ import glob
 import hashlib
 import itertools
 import logging
-import multiprocessing
 import os
 import random
 import re
-import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -46,28 +44,12 @@ from PIL import Image
 
 from clip_train import preemption
 from clip_train.data import DataError
+from clip_train.data.quality import DataErrors, SampleError
 from clip_train.data.shards import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
 _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")  # pipe:curl ..., s3://, https://
-
-
-class SampleError(ValueError):
-    """One sample is unusable: `reason` is one of SKIP_REASONS, the message names shard and key."""
-
-    def __init__(self, reason: str, message: str, url: str | None = None):
-        super().__init__(message)
-        self.reason, self.url = reason, url
-
-
-class DataQualityError(DataError):
-    """Too many samples were skipped: the data (or a transform) is broken, not merely noisy."""
-
-
-# errors that mean "this sample or shard is bad"; anything else (a bug in a transform or the
-# tokenizer, say) propagates instead of being counted away
-_DATA_ERRORS = (SampleError, OSError, EOFError, ValueError, tarfile.TarError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,153 +104,6 @@ def expand_urls(spec: str, *, split: str | None = None) -> list[str]:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DataError(f"{len(missing)} shard(s) not found: {shown}; check the path and the brace range")
     return urls
-
-
-# ---------------------------------------------------------------------------------------------
-# Counting bad samples
-# ---------------------------------------------------------------------------------------------
-
-# Why a sample was skipped. The order is fixed: it indexes the shared counters below.
-SKIP_REASONS = (
-    "unreadable_shard",  # missing, truncated or corrupt tar (or a failing pipe: command)
-    "no_image",
-    "no_caption",
-    "empty_caption",  # empty or whitespace only
-    "caption_not_utf8",
-    "undecodable_image",  # random bytes, 0 bytes, truncated file
-    "image_too_large",  # over data.max_pixels (decompression bomb)
-    "other",
-)
-
-
-class DataErrors:
-    """The `handler=` of every webdataset stage: count a bad sample by reason and shard, log the
-    first few of each reason with shard and key, go on; stop when too many are bad.
-
-    The totals live in shared memory so the main process sees what the loader workers skipped.
-    """
-
-    def __init__(
-        self,
-        urls: list[str] = (),
-        *,
-        max_skip_frac: float | None = 0.01,
-        window: int = 1000,
-        log_first: int = 3,
-    ):
-        self._url_index = {url: i for i, url in enumerate(urls)}
-        self._urls = list(urls)
-        self._seen = multiprocessing.Value("q", 0)
-        self._by_reason = multiprocessing.Array("q", len(SKIP_REASONS))
-        # per shard, so the guard can name the shards that cause the skips
-        self._shard_seen = multiprocessing.Array("q", max(len(self._urls), 1))
-        self._shard_skipped = multiprocessing.Array("q", max(len(self._urls), 1))
-        self.max_skip_frac, self.window, self.log_first = max_skip_frac, window, log_first
-        self._logged: dict[str, int] = {}  # these three are per process (each worker has its own)
-        self._window_seen = 0
-        self._window_skipped = 0
-        self._broken_stream: str | None = None
-
-    @staticmethod
-    def _classify(exn: BaseException) -> str:
-        if isinstance(exn, SampleError):
-            return exn.reason
-        if isinstance(exn, (tarfile.TarError, EOFError, OSError)):
-            return "unreadable_shard"
-        return "other"
-
-    def _shard_of(self, exn: BaseException) -> int | None:
-        # webdataset appends the shard URL to the args of errors raised while reading a tar
-        url = getattr(exn, "url", None)
-        candidates = [url] if url else [a for a in exn.args if isinstance(a, str)]
-        for candidate in candidates:
-            if candidate in self._url_index:
-                return self._url_index[candidate]
-        return None
-
-    def _reported_twice(self, exn: BaseException) -> bool:
-        """webdataset reports a tar that breaks inside a member twice: first its inner loop, with
-        " @ <stream>" appended to the message and no URL, then its outer loop, with the stream and
-        URL appended. The first is counted (and remembered); the second only names the shard."""
-        first = exn.args[0] if exn.args and isinstance(exn.args[0], str) else ""
-        if " @ " in first and not any(a in self._url_index for a in exn.args if isinstance(a, str)):
-            self._broken_stream = first.rsplit(" @ ", 1)[1]
-            return False
-        broken = self._broken_stream
-        if broken is not None and len(exn.args) >= 2 and str(exn.args[-2]) == broken:
-            self._broken_stream = None
-            return True
-        return False
-
-    def __call__(self, exn: BaseException) -> bool:
-        if not isinstance(exn, _DATA_ERRORS) or isinstance(exn, DataError):
-            raise exn  # a bug, or a verdict about the whole run (DataError): never counted away
-        reason = self._classify(exn)
-        if reason == "unreadable_shard" and self._reported_twice(exn):
-            shard = self._shard_of(exn)  # now with its URL: attribute it, but count it once
-            if shard is not None:
-                with self._shard_skipped.get_lock():
-                    self._shard_skipped[shard] += 1
-            return True
-        with self._by_reason.get_lock():
-            self._by_reason[SKIP_REASONS.index(reason)] += 1
-        shard = self._shard_of(exn)
-        if shard is not None:
-            with self._shard_skipped.get_lock():
-                self._shard_skipped[shard] += 1
-        self._window_skipped += 1
-        logged = self._logged.get(reason, 0)
-        if logged < self.log_first:
-            self._logged[reason] = logged + 1
-            more = " (further ones are counted, not logged)" if logged + 1 == self.log_first else ""
-            message = " ".join(str(a) for a in exn.args if isinstance(a, str)) or type(exn).__name__
-            log.warning("skipped a bad sample (%s): %s%s", reason, message, more)
-        self._check()
-        return True  # keep going
-
-    def ok(self, url: str | None = None) -> None:
-        with self._seen.get_lock():
-            self._seen.value += 1
-        shard = self._url_index.get(url)
-        if shard is not None:
-            with self._shard_seen.get_lock():
-                self._shard_seen[shard] += 1
-        self._window_seen += 1
-        self._check()
-
-    def worst_shards(self, n: int = 3) -> list[str]:
-        """The shards with the most skipped samples, as "url (bad of total)"."""
-        counts = [(self._shard_skipped[i], self._shard_seen[i], url) for i, url in enumerate(self._urls)]
-        worst = sorted((c for c in counts if c[0]), key=lambda c: (-c[0], c[2]))[:n]
-        return [f"{url} ({bad} bad of {bad + good})" for bad, good, url in worst]
-
-    def _check(self) -> None:
-        total = self._window_seen + self._window_skipped
-        if total < self.window:
-            return
-        frac = self._window_skipped / total
-        self._window_seen = self._window_skipped = 0
-        if self.max_skip_frac is not None and frac > self.max_skip_frac:
-            worst = self.worst_shards()
-            raise DataQualityError(
-                f"{frac:.1%} of the last {total} samples were bad (limit data.max_skip_frac="
-                f"{self.max_skip_frac:.1%}); by reason: "
-                + ", ".join(f"{reason} {n}" for reason, n in self.skipped_by_reason().items())
-                + (f"; worst shards: {', '.join(worst)}" if worst else "")
-                + ": fix or drop those shards, or raise data.max_skip_frac"
-            )
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        return {reason: n for reason, n in zip(SKIP_REASONS, self._by_reason[:], strict=True) if n}
-
-    def stats(self) -> dict[str, int]:
-        """{"seen": good samples, "skipped": bad ones, "skipped/<reason>": ... for each reason met}."""
-        by_reason = self.skipped_by_reason()
-        return {
-            "seen": self._seen.value,
-            "skipped": sum(by_reason.values()),
-            **{f"skipped/{reason}": n for reason, n in by_reason.items()},
-        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +405,6 @@ def build_train_loader(
     image_key: str = "jpg;png;webp;jpeg",
     text_key: str = "txt",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_skip_frac: float | None = 0.01,
     with_keys: bool = False,
     decode_size: int | None = None,
     skip_through: dict[int, int] | None = None,
@@ -595,7 +429,7 @@ def build_train_loader(
     sources = [Source("train", shards)] if isinstance(shards, str) else list(shards)
     check_readers(sources, world_size=world_size, num_workers=num_workers, resampled=resampled)
     expanded = [(s.name, expand_urls(s.shards, split="train"), s.weight) for s in sources]
-    errors = DataErrors([url for _, urls, _ in expanded for url in urls], max_skip_frac=max_skip_frac)
+    errors = DataErrors([url for _, urls, _ in expanded for url in urls])
     if resampled:
         # each rank and worker draws its own seeded stream of shards: no split needed
         stages: list = [_ResampledMix(expanded, seed=seed, rank=rank, handler=errors)]
@@ -676,7 +510,7 @@ def build_eval_loader(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     urls = expand_urls(shards, split="val")
     num_workers = min(num_workers, len(urls[rank::world_size]))
-    errors = DataErrors(urls, max_skip_frac=None)  # evaluation reports what it saw; it never stops a run
+    errors = DataErrors(urls)  # evaluation reports what it saw; it never stops a run
     prepare = _Prepare(
         image_key=image_key,
         text_key=text_key,
