@@ -14,6 +14,7 @@ no loadable checkpoint at all; here the old ones are pruned only once the new on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -54,7 +55,9 @@ def save(
 ) -> Path:
     """Save the full training state for `step`; every process must call this.
 
-    export_model(folder) writes the public model (main process only) into the checkpoint.
+    export_model(folder) writes the public model (main process only) into the checkpoint. A write
+    that fails on any process (a full disk, say) removes the partial save and raises
+    CheckpointWriteError on every process; the previous checkpoint stays the latest.
     """
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
@@ -64,13 +67,14 @@ def save(
         for leftover in root.glob(".tmp-*"):  # saves that were killed mid-way
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    failure = _attempt(lambda: accelerator.save_state(str(tmp)))
+    if accelerator.is_main_process and not _failed_anywhere(failure, accelerator):
+        failure = _attempt(lambda: _finish(tmp, step, meta, export_model))
+    if _failed_anywhere(failure, accelerator):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure_message(tmp, root, failure))
     if accelerator.is_main_process:
-        if export_model is not None:
-            export_model(tmp / "model")
-        _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
-        _fsync_write(tmp / COMPLETE, "")
         replaced = root / f".old-{final.name}"
         if final.exists():  # the same step saved again (e.g. after resuming from an older one):
             os.replace(final, replaced)  # keep it until the new one is in place
@@ -81,6 +85,59 @@ def save(
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a failing file system); nothing of it is left."""
+
+
+def _finish(tmp: Path, step: int, meta: dict[str, Any], export_model) -> None:
+    if export_model is not None:
+        export_model(tmp / "model")
+    _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
+    _fsync_write(tmp / COMPLETE, "")
+
+
+def _attempt(write) -> BaseException | None:
+    # torch's zip writer reports a full disk as RuntimeError ("unexpected pos ..."), not OSError
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        return error
+    return None
+
+
+def _failed_anywhere(failure: BaseException | None, accelerator) -> bool:
+    """Whether the write failed on any process (a collective every process calls, in order)."""
+    import torch
+
+    failed = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(failed)
+    return bool(failed.item())
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def _write_failure_message(tmp: Path, root: Path, failure: BaseException | None) -> str:
+    previous = find_latest(root.parent)
+    # a checkpoint needs about what the previous one took; without one, what this one had written
+    needed = _folder_bytes(previous) if previous else 0
+    free = shutil.disk_usage(root).free
+    if failure is None:
+        cause = "another process failed to write its part"
+    elif isinstance(failure, OSError) and failure.errno == errno.ENOSPC or free < needed:
+        cause = "no space left on device"
+    else:
+        cause = str(failure).strip().splitlines()[-1] if str(failure).strip() else type(failure).__name__
+    kept = f"{previous.name} stays the latest" if previous else "there is no earlier checkpoint"
+    size = f"about {needed:,} bytes needed, {free:,} free" if needed else f"{free:,} bytes free"
+    return (
+        f"could not write checkpoint {tmp.parent / tmp.name.removeprefix('.tmp-')}: {cause} ({size}): "
+        f"free space or move run_dir, then run again to resume ({kept}; the partial save was removed)"
+    )
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:

@@ -21,12 +21,20 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     # Imported lazily so that `clip-train --help` and config errors never wait for torch.
-    from clip_train.checkpoint import ResumeError
+    from clip_train.checkpoint import CheckpointWriteError, ResumeError
     from clip_train.data import DataError
     from clip_train.evaluate.datasets import DatasetError
     from clip_train.models.pretrained import WeightsMismatchError
 
-    return (*USER_ERRORS, ResumeError, DataError, DatasetError, WeightsMismatchError, FloatingPointError)
+    return (
+        *USER_ERRORS,
+        ResumeError,
+        CheckpointWriteError,
+        DataError,
+        DatasetError,
+        WeightsMismatchError,
+        FloatingPointError,
+    )
 
 
 def _fail(prog: str, error: Exception) -> int:

@@ -77,3 +77,28 @@ def test_incompatible_resume_is_refused_with_the_setting_named(tmp_path):
     with pytest.raises(checkpoint.ResumeError, match="world_size was 2 there and is 1 now"):
         checkpoint.check_compatible({"world_size": 2}, {"world_size": 1}, tmp_path)
     checkpoint.check_compatible({"world_size": 1}, {"world_size": 1}, tmp_path)
+
+
+def test_a_write_error_during_a_save_is_named_and_removes_the_partial_save(tmp_path, accel_model):
+    import errno
+
+    accelerator, model, optimizer = accel_model
+    _step(model, optimizer)
+    checkpoint.save(accelerator, tmp_path, 1, {}, keep_last=2)
+
+    def disk_full(folder):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        checkpoint.save(accelerator, tmp_path, 2, {}, keep_last=2, export_model=disk_full)
+    root = checkpoint.checkpoint_root(tmp_path)
+    message = str(info.value)
+    assert message.startswith(
+        f"could not write checkpoint {root}/step-000000002: no space left on device (about "
+    )
+    assert "bytes needed, " in message and "step-000000001 stays the latest" in message
+    assert not list(root.glob(".tmp-*"))  # the partial save is gone
+    assert checkpoint.find_latest(tmp_path) == root / "step-000000001"
+    assert (root / "latest").read_text() == "step-000000001"

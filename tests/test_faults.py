@@ -138,3 +138,47 @@ def test_a_run_dir_that_is_a_file_fails_in_one_line(tmp_path, tiny_data):
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [f"clip-train: error: {message}"]
     assert afile.read_text() == "not a folder"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 7 MB file system (tmpfs): room for two checkpoints of the tiny model, not three."""
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:  # not root, or no mount rights: test_checkpoint injects the error instead
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes_exactly(
+    tmp_path, tiny_data, small_disk
+):
+    import subprocess
+
+    settings = ["train.steps=8", "train.ckpt_every=2", "train.keep_last=3", *NO_EVAL]
+    straight = run_train(tmp_path / "straight", tiny_data, *settings)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = small_disk / "run"
+    full = run_train(run_dir, tiny_data, *settings)
+    assert full.returncode == 2, full.stderr[-2000:]
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1, full.stderr[-2000:]
+    ckpts = run_dir / "checkpoints"
+    assert lines[0].startswith(f"clip-train: error: could not write checkpoint {ckpts}/step-000000006: ")
+    assert "no space left on device (about " in lines[0] and " bytes needed, " in lines[0]
+    assert "step-000000004 stays the latest; the partial save was removed" in lines[0]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000000002", "step-000000004"]
+    assert (ckpts / "latest").read_text() == "step-000000004"
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    resumed = run_train(run_dir, tiny_data, *settings)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = losses(tmp_path / "straight"), losses(run_dir)
+    assert [got[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], abs=1e-6)
