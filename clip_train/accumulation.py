@@ -101,3 +101,13 @@ def accumulated_backward(
             backward(surrogate)
     restore_rng(rng_after)
     return loss.detach()
+
+
+def batch_statistics_layers(model: nn.Module) -> list[str]:
+    """The BatchNorm layers that normalise with the statistics of the batch they see in training.
+
+    The replay above is exact for everything but these: each micro-batch is normalised with its own
+    statistics, so k micro-batches are not exactly one batch of k times the size. (Frozen
+    BatchNorm, as locked towers get with freeze_bn_stats, holds fixed statistics and is not listed.)
+    """
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -208,8 +208,31 @@ def check_compatible(
             fix = "use the same setting or a new run_dir"
             if key != "model":
                 fix += " (or train.allow_resume_change=true to accept a different data order)"
-            raise ResumeError(
-                f"cannot resume from {ckpt}: {key} was {meta[key]!r} there and is {value!r} now; {fix}"
-            )
+            raise ResumeError(f"cannot resume from {ckpt}: {_difference(key, meta[key], value)}; {fix}")
         changes.append(f"{key} {meta[key]!r} -> {value!r}")
     return ", ".join(changes)
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}"))
+    return flat
+
+
+def _difference(key: str, was: Any, now: Any) -> str:
+    """ "world_size was 2 there and is 1 now", or for a nested setting (the model) only the keys that
+    differ: "model.embed_dim: 32 there, 16 now"."""
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return f"{key} was {was!r} there and is {now!r} now"
+    before, after = _flatten(was, key), _flatten(now, key)
+    missing = object()
+    changed = [
+        k for k in sorted(before.keys() | after.keys()) if before.get(k, missing) != after.get(k, missing)
+    ]
+    shown = ", ".join(
+        f"{k}: {before.get(k, 'unset')!r} there, {after.get(k, 'unset')!r} now" for k in changed[:5]
+    )
+    return shown + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else "")

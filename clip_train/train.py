@@ -31,7 +31,7 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 
 from clip_train import checkpoint, preemption
-from clip_train.accumulation import accumulated_backward, capture_rng, restore_rng
+from clip_train.accumulation import accumulated_backward, batch_statistics_layers, capture_rng, restore_rng
 from clip_train.config import (
     ConfigError,
     DataConfig,
@@ -418,6 +418,14 @@ def main(cfg: RunConfig) -> dict:
     signal_at = tuple(int(x) for x in os.environ.get(SIGNAL_AT_STEP_ENV, "0:0").split(":"))
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * world * accum  # pairs in one contrastive batch
+    inexact = batch_statistics_layers(unwrapped) if accum > 1 else []
+    if inexact and accelerator.is_main_process:
+        print(
+            f"warning: train.accum_steps={accum} with {len(inexact)} BatchNorm layers that train "
+            f"({inexact[0]}, ...): each micro-batch is normalised on its own, so a step is not exactly "
+            f"one batch of {global_batch}; lock the tower with frozen statistics, or use accum_steps=1",
+            flush=True,
+        )
     logger.log(
         "setup",
         state.step,
@@ -428,6 +436,8 @@ def main(cfg: RunConfig) -> dict:
             "accum_steps": accum,
             "world_size": world,
             "contrastive_batch": global_batch,
+            # layers that make accumulation differ from one big batch (see batch_statistics_layers)
+            "accumulation_batchnorm_layers": len(inexact),
         },
     )
     # Resumed inside a segment (from a preemption checkpoint): the loader drops, undecoded, the

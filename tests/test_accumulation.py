@@ -170,3 +170,15 @@ def test_two_processes_with_accumulation_equal_one_process_on_the_global_batch()
     assert (out[0][0] + out[1][0]) / 2 == pytest.approx(loss.item(), rel=1e-6)
     for rank in range(WORLD):
         _assert_same_grads(out[rank][1], want)  # DDP averaged: every rank holds the global gradient
+
+
+def test_batchnorm_that_trains_is_listed_and_frozen_batchnorm_is_not():
+    from clip_train.accumulation import batch_statistics_layers
+    from clip_train.config import ImageTowerConfig
+    from clip_train.models.towers import build_image_tower
+
+    training = build_image_tower(ImageTowerConfig(name="test_efficientnet"))
+    locked = build_image_tower(ImageTowerConfig(name="test_efficientnet", lock=True, freeze_bn_stats=True))
+    assert len(batch_statistics_layers(training)) > 0
+    assert batch_statistics_layers(locked) == []
+    assert batch_statistics_layers(build_image_tower(ImageTowerConfig(name="test_vit"))) == []  # LayerNorm

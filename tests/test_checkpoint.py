@@ -79,6 +79,29 @@ def test_incompatible_resume_is_refused_with_the_setting_named(tmp_path):
     checkpoint.check_compatible({"world_size": 1}, {"world_size": 1}, tmp_path)
 
 
+def test_a_resume_with_another_model_names_only_the_keys_that_differ(tmp_path):
+    saved = {
+        "model": {
+            "embed_dim": 32,
+            "image": {"name": "test_vit", "image_size": 64},
+            "text": {"pooling": "mean"},
+        }
+    }
+    now = {
+        "model": {
+            "embed_dim": 16,
+            "image": {"name": "test_vit", "image_size": 64},
+            "text": {"pooling": "cls"},
+        }
+    }
+    with pytest.raises(checkpoint.ResumeError) as info:
+        checkpoint.check_compatible(saved, now, tmp_path)
+    assert str(info.value) == (
+        f"cannot resume from {tmp_path}: model.embed_dim: 32 there, 16 now, "
+        "model.text.pooling: 'mean' there, 'cls' now; use the same setting or a new run_dir"
+    )
+
+
 def test_a_write_error_during_a_save_is_named_and_removes_the_partial_save(tmp_path, accel_model):
     import errno
 

@@ -171,6 +171,10 @@ def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_pa
     setup = read_metrics(run_dir, "setup")[0]
     assert setup["loss_kind"] == "siglip" and setup["loss_impl"] == "tiled" and setup["accum_steps"] == 2
     assert setup["contrastive_batch"] == 16  # 2 micro-batches of 8 on one process
+    # the tiny config's EfficientNet trains its BatchNorm: accumulation is not exact, and the run says so
+    assert setup["accumulation_batchnorm_layers"] > 0
+    warning = [line for line in done.stdout.splitlines() if line.startswith("warning: train.accum_steps=2")]
+    assert len(warning) == 1 and "BatchNorm layers that train" in warning[0]
     train = read_metrics(run_dir, "train")
     assert train[-1]["samples_seen"] == 4 * 16
     # SigLIP's learnable bias starts at -10 (its paper's init) and is trained
