@@ -43,30 +43,36 @@ OpenCLIP (--to openclip)
     the encoder, which clip_train does not); a timm model with a fixed input size (ViT) at another
     model.image.image_size than timm's default, because TimmModel cannot pass img_size.
     Exact but worth knowing: OpenCLIP's mean pooler divides by the mask sum without clamping, which
-    differs only for a text of padding alone (no tokenizer makes one); OpenCLIP's tokenizer
-    collapses runs of whitespace first, a no-op for WordPiece (BERT) tokenizers but not for
-    byte-level BPE ones (RoBERTa): the export checks the ids on a few captions, and notes when
-    only texts with repeated spaces are tokenized differently.
+    differs only for a text of padding alone (no tokenizer makes one). OpenCLIP's tokenizer cleans
+    text first (ftfy.fix_text, HTML entities unescaped twice, whitespace runs collapsed); clip_train's
+    tokenizer does the same for every model, in training and evaluation (towers.clean_text), so
+    curly quotes, `&amp;`, ligatures, full-width letters and mojibake get the same ids in both (the
+    export checks texts of each kind and refuses otherwise). OpenCLIP's preprocess drops an alpha
+    channel (transparent areas keep their hidden colour, usually black) where clip_train composites
+    transparency on white (data.shards.to_rgb): the export notes it; composite such images first.
 
 Hugging Face (--to hf)
     A VisionTextDualEncoderModel folder: config.json, model.safetensors, the tokenizer and
     preprocessor_config.json for timm's evaluation transform.
 
-        import torch.nn.functional as F
+        import html, ftfy, torch.nn.functional as F
         from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel
         folder = "exports/demo-hf"
         model = VisionTextDualEncoderModel.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)  # model_max_length = context_length
         processor = AutoImageProcessor.from_pretrained(f"{folder}/preprocessor_config.json")
+        # clip_train's (and OpenCLIP's) text cleaning, clip_train.models.towers.clean_text
+        texts = [" ".join(html.unescape(html.unescape(ftfy.fix_text(t))).split()) for t in texts]
         tokens = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
         text_emb = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
         image_emb = F.normalize(model.get_image_features(**processor(images)).pooler_output, dim=-1)
 
     (The processor is loaded from its file: given the folder, TimmWrapperImageProcessor reads
-    config.json, which here is the dual encoder's.) The image tower is transformers' TimmWrapperModel,
-    whose pooler_output is timm's forward_head on forward_features with num_classes=0, exactly
-    clip_train's tower. VisionTextDualEncoderModel pools text with the text model's pooler_output,
-    and that decides what can be exported:
+    config.json, which here is the dual encoder's. transformers' tokenizers do not clean text as
+    clip_train's does, hence the cleaning line; the export notes it.) The image tower is
+    transformers' TimmWrapperModel, whose pooler_output is timm's forward_head on forward_features
+    with num_classes=0, exactly clip_train's tower. VisionTextDualEncoderModel pools text with the
+    text model's pooler_output, and that decides what can be exported:
       - exact: a clip_text_model tower (CLIPTextModel, pooler_output = the final-norm hidden state
         at the first eos_token_id) with model.text.pooling=eos; the export sets eos_token_id to the
         token the tokenizer ends every text with ([SEP] for BERT tokenizers), so the first
@@ -115,8 +121,16 @@ PROBE_TEXTS = [
     "x",
     "an emoji: smiling face, with sunglasses!",
 ]
-# OpenCLIP's tokenizer collapses whitespace before tokenizing: the same ids for WordPiece, not for BPE.
-SPACING_PROBE = ["  two  spaces "]
+# Texts that OpenCLIP's cleaning changes (clip_train's tokenizer cleans the same way, towers.clean_text):
+# whitespace runs, an HTML entity, curly quotes, a ligature, full-width letters, mojibake.
+CLEANING_PROBES = [
+    "  two  spaces ",
+    "fish &amp; chips",
+    "\u201ca cat\u201d",
+    "a \ufb01sh",
+    "\uff43\uff41\uff54",
+    "caf\u00c3\u00a9",
+]
 OPENCLIP_POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 # The legacy eos_token_id with which CLIPTextModel pools at the largest token id instead.
 HF_CLIP_LEGACY_EOS = 2
@@ -158,9 +172,6 @@ def export_model(model_dir: str | Path, to: str, out: str | Path) -> ExportResul
     out.parent.mkdir(parents=True, exist_ok=True)
     # Beside `out` so that the final rename stays on one file system (atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         with torch.no_grad(), _quiet_transformers():
             if to == "openclip":
@@ -171,6 +182,7 @@ def export_model(model_dir: str | Path, to: str, out: str | Path) -> ExportResul
             else:
                 _write_hf(model, tokenizer, tmp)
                 max_diff, more_notes = _verify(model, tokenizer, _load_hf(tmp), "transformers")
+        _make_ordinary(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a folder portably
         tmp.rename(out)
@@ -178,6 +190,16 @@ def export_model(model_dir: str | Path, to: str, out: str | Path) -> ExportResul
         if tmp.exists():
             shutil.rmtree(tmp)
     return ExportResult(out, max_diff, notes + more_notes)
+
+
+def _make_ordinary(folder: Path) -> None:
+    """Modes as the umask gives new files: mkdtemp makes the folder private and safetensors writes
+    its file 0600, but the export is an ordinary folder for others to read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +243,11 @@ def _check_openclip(model: ClipModel) -> list[str]:
     _openclip_preprocess(model)  # refuses a resize OpenCLIP cannot do
     return [
         "the text tower is read from the export folder by absolute path (hf_model_name in "
-        f"{OPENCLIP_CONFIG}): edit it there or export again after moving the folder"
+        f"{OPENCLIP_CONFIG}): edit it there or export again after moving the folder",
+        # clip_train's decoding (data.shards.to_rgb) vs open_clip.transform._convert_to_rgb
+        "OpenCLIP's preprocess drops the alpha channel (transparent areas keep their hidden colour, "
+        "usually black) where clip_train composites transparency on white: composite RGBA images on "
+        "white first (clip_train.data.shards.to_rgb) for clip_train's pixels",
     ]
 
 
@@ -455,6 +481,7 @@ def _write_hf(model: ClipModel, tokenizer: TextTokenizer, folder: Path) -> None:
 class _Loaded:
     encode_image: Callable[[torch.Tensor], torch.Tensor]  # pixels -> normalised embeddings
     encode_texts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> (ids, embeddings)
+    cleans_text: bool  # whether the target's tokenizer cleans text as clip_train's does (clean_text)
 
 
 def _load_openclip(folder: Path) -> _Loaded:
@@ -471,7 +498,7 @@ def _load_openclip(folder: Path) -> _Loaded:
         ids = tokenizer(texts)
         return ids, model.encode_text(ids, normalize=True)
 
-    return _Loaded(lambda x: model.encode_image(x, normalize=True), encode_texts)
+    return _Loaded(lambda x: model.encode_image(x, normalize=True), encode_texts, cleans_text=True)
 
 
 def _load_hf(folder: Path) -> _Loaded:
@@ -491,7 +518,9 @@ def _load_hf(folder: Path) -> _Loaded:
         tokens = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
         return tokens["input_ids"], pooled(model.get_text_features(**tokens))
 
-    return _Loaded(lambda x: pooled(model.get_image_features(pixel_values=x)), encode_texts)
+    return _Loaded(
+        lambda x: pooled(model.get_image_features(pixel_values=x)), encode_texts, cleans_text=False
+    )
 
 
 def _verify(
@@ -500,10 +529,11 @@ def _verify(
     """Max |difference| of the normalised embeddings, and notes; refuses what is not exact."""
     size = model.cfg.image.image_size
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    ids = tokenizer(PROBE_TEXTS)
-    their_ids, their_text = loaded.encode_texts(PROBE_TEXTS)
+    texts = PROBE_TEXTS + (CLEANING_PROBES if loaded.cleans_text else [])
+    ids = tokenizer(texts)
+    their_ids, their_text = loaded.encode_texts(texts)
     if not torch.equal(ids, their_ids):
-        bad = next(t for t, a, b in zip(PROBE_TEXTS, ids, their_ids, strict=True) if not torch.equal(a, b))
+        bad = next(t for t, a, b in zip(texts, ids, their_ids, strict=True) if not torch.equal(a, b))
         raise ExportError(f"{target}'s tokenizer gives other token ids than clip_train's for {bad!r}")
     diffs = {
         "image": (model.encode_image(images) - loaded.encode_image(images)).abs().max().item(),
@@ -516,11 +546,14 @@ def _verify(
                 f"(more than {VERIFY_ATOL:g})"
             )
     notes = []
-    if not torch.equal(loaded.encode_texts(SPACING_PROBE)[0], tokenizer(SPACING_PROBE)):
-        # The model is exact; only texts with irregular whitespace are tokenized differently.
+    if not loaded.cleans_text and not torch.equal(
+        loaded.encode_texts(CLEANING_PROBES)[0], tokenizer(CLEANING_PROBES)
+    ):
+        # The model is exact; only texts that the cleaning changes are tokenized differently.
         notes.append(
-            f"{target}'s tokenizer collapses runs of whitespace first: such texts get other token ids "
-            "than in clip_train (normalise whitespace before tokenizing to match)"
+            f"the exported tokenizer ({target}) does not clean text as clip_train's does (ftfy, HTML "
+            "entities, whitespace): pass texts through clip_train.models.towers.clean_text first for "
+            "the same ids"
         )
     return diffs, notes
 

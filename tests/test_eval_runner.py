@@ -1,10 +1,12 @@
 """The evaluation suite: metric definitions, the field's protocol, distribution, outputs, clip-eval."""
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +216,66 @@ def test_clip_eval_runs_tasks_from_the_command_line_and_rejects_a_bad_dataset(tm
     bad = _clip_eval(str(tmp_path / "model"), "--zeroshot", str(tmp_path / "nowhere"), "--out", str(out))
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "clip-eval: error:" in bad.stderr
+
+
+def _clip_benchmark_set(root, name: str, n: int) -> None:
+    """<root>/<name>/test/0.tar in CLIP_benchmark's webdataset layout: png, cls index, txt caption;
+    the class names in <root>/<name>/classnames.txt."""
+    import webdataset as wds
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
+    (root / name / "test").mkdir(parents=True)
+    (root / name / "classnames.txt").write_text("\n".join(colours) + "\n")
+    with wds.TarWriter(str(root / name / "test" / "0.tar")) as sink:
+        for i in range(n):
+            colour = list(colours)[i % 3]
+            image = io.BytesIO()
+            Image.new("RGB", (40, 32), colours[colour]).save(image, "PNG")
+            sink.write({"__key__": f"{i:04d}", "png": image.getvalue(), "cls": str(i % 3).encode(),
+                        "txt": f"a {colour} square".encode()})  # fmt: skip
+
+
+def test_sets_in_folders_of_one_name_get_results_of_their_own(tmp_path, monkeypatch, capsys):
+    from clip_train.cli import eval_main
+
+    model, tokenizer, _ = tiny_model()
+    model.save_pretrained(tmp_path / "model", tokenizer)
+    _clip_benchmark_set(tmp_path, "a", 3)
+    _clip_benchmark_set(tmp_path, "b", 5)
+    monkeypatch.chdir(tmp_path)  # the specs as a CLIP_benchmark user writes them
+    argv = ["model", "--zeroshot", "wds:a/test/0.tar", "wds:b/test/0.tar", "--classnames", "a/classnames.txt",
+            "--templates", "a {c}", "--retrieval", "a/test/0.tar", "b/test/0.tar", "--no-plots",
+            "--out", "out"]  # fmt: skip
+    assert eval_main(argv) == 0, capsys.readouterr().err
+    for task in ("zeroshot_classification", "zeroshot_retrieval"):
+        records = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob(f"*_{task}.json")}
+        assert sorted(records) == [f"a-test_{task}.json", f"b-test_{task}.json"]
+        assert [records[f"{s}-test_{task}.json"]["num_images"] for s in "ab"] == [3, 5]
+        assert [records[f"{s}-test_{task}.json"]["dataset"] for s in "ab"] == ["a-test", "b-test"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {"a-test/acc1", "b-test/acc1", "retrieval-a-test/text_retrieval_recall@1"} <= summary.keys()
+    assert "retrieval-b-test/image_retrieval_recall@1" in summary
+
+
+def test_names_take_as_many_folders_as_tell_the_sets_apart(tmp_path):
+    from clip_train.evaluate.datasets import naming_path
+    from clip_train.evaluate.runner import unique_names
+
+    paths = [Path("/x/a/test"), Path("/x/b/test"), Path("/y/shapes"), Path("/x/a/test")]
+    assert unique_names(paths) == ["a-test", "b-test", "shapes", "a-test-2"]
+    assert unique_names([Path("heldout"), Path("/x/heldout"), Path("fashion-mnist")]) == [
+        "heldout", "x-heldout", "fashion-mnist",
+    ]  # fmt: skip
+    # numbers never land on a name another set has, and file names stay distinct
+    assert unique_names([Path("/x/t"), Path("/x/t"), Path("/y/t-2")]) == ["t", "t-3", "t-2"]
+    assert unique_names([Path("/a b"), Path("/a_b")]) == ["a b", "a_b-2"]
+    # one set keeps the name its loader gives it
+    _clip_benchmark_set(tmp_path, "a", 1)
+    assert naming_path(f"wds:{tmp_path}/a/test/0.tar") == tmp_path / "a" / "test"
+    assert naming_path(f"{tmp_path}/a/test/0.tar", retrieval=True).name == "test"
+    assert naming_path(f"{tmp_path}/pairs.csv", retrieval=True) == tmp_path / "pairs"
+    assert naming_path("fashion-mnist") == Path("fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """clip-export: OpenCLIP and Hugging Face exports give clip_train's embeddings, or are refused."""
 
+import contextlib
 import json
+import os
 import re
+import stat
 
 import numpy as np
 import pytest
@@ -127,7 +130,9 @@ def test_hf_export_gives_clip_train_embeddings(tmp_path, overrides):
     folder = _saved_model(tmp_path, *overrides)
     result = export_model(folder, "hf", tmp_path / "hf")
     assert max(result.max_diff.values()) <= ATOL
-    assert bool(result.notes) == ("loss.kind=siglip" in overrides)  # the missing logit bias is told
+    # the missing logit bias is told, and that transformers' tokenizer does not clean text
+    assert any("logit bias" in n for n in result.notes) == ("loss.kind=siglip" in overrides)
+    assert any("does not clean text" in n and "clean_text" in n for n in result.notes)
 
     hf_model = VisionTextDualEncoderModel.from_pretrained(result.folder).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(result.folder)
@@ -221,3 +226,105 @@ def test_an_export_that_does_not_reproduce_the_model_is_not_written(tmp_path, mo
     with pytest.raises(ExportError, match="OpenCLIP export's text embeddings differ from clip_train's"):
         export_model(_saved_model(tmp_path), "openclip", out)
     _nothing_written(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips, text cleaning and file modes
+
+# Text that OpenCLIP's cleaning changes, other than the export's own probes: curly quotes, HTML
+# entities (double-escaped too), ligatures, full-width letters, mojibake, a no-break space.
+DIRTY = [
+    "\u201ca photo\u201d of a dog",
+    "salt &amp;amp; pepper",
+    "the \ufb01rst \ufb02ower",
+    "\uff21\uff22\uff23 blocks",
+    "na\u00c3\u00afve caf\u00c3\u00a9",
+    "a&nbsp;cat &lt;3",
+]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # test_efficientnet: a conv tower whose global_pool is a module
+        ["model.image.name=test_resnet"],  # a residual tower, global_pool a module too
+        ["model.image.name=test_vit", "model.image.image_size=160"],  # a ViT, at timm's own size
+    ],
+    ids=["efficientnet", "resnet", "vit"],
+)
+def test_the_openclip_export_imports_back_with_the_same_weights_and_embeddings(tmp_path, capsys, overrides):
+    pytest.importorskip("open_clip")
+    folder = _saved_model(tmp_path, *overrides)
+    exported = tmp_path / "oc"
+    assert export_main([str(folder), "--to", "openclip", "--out", str(exported)]) == 0
+    weights = exported / "open_clip_model.safetensors"
+    argv = ["import", "--model", str(exported), "--checkpoint", str(weights), "--out", str(tmp_path / "back")]
+    assert main(argv) == 0, capsys.readouterr().err
+
+    model, tokenizer, _ = _reference(folder)
+    back, back_tokenizer, _ = _reference(tmp_path / "back")
+    assert back.cfg.image.name == model.cfg.image.name
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    images, _ = _inputs(model.cfg.image.image_size)
+    ids = tokenizer(CAPTIONS + DIRTY)
+    assert torch.equal(back_tokenizer(CAPTIONS + DIRTY), ids)
+    with torch.no_grad():
+        assert torch.equal(back.encode_image(images), model.encode_image(images))
+        assert torch.equal(back.encode_text(ids), model.encode_text(ids))
+
+
+def test_text_that_openclip_cleans_gets_openclip_token_ids(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    from clip_train.models.towers import clean_text
+
+    assert [clean_text(t) for t in DIRTY] == [whitespace_clean(basic_clean(t)) for t in DIRTY]
+    folder = _saved_model(tmp_path)
+    result = export_model(folder, "openclip", tmp_path / "oc")
+    tokenizer = load_tokenizer(folder)
+    theirs = open_clip.get_tokenizer(f"local-dir:{result.folder}")(DIRTY)
+    assert torch.equal(tokenizer(DIRTY), theirs)
+    # without the cleaning clip_train's ids would differ: these texts test it
+    raw = _uncleaned_ids(tokenizer.tokenizer, DIRTY)
+    assert sum(not torch.equal(a, b) for a, b in zip(raw, theirs)) >= 5
+    assert any("alpha channel" in note and "white" in note for note in result.notes)
+
+
+def test_plain_ascii_captions_keep_their_token_ids(tmp_path):
+    from clip_train.models.towers import TextTokenizer, clean_text, tiny_tokenizer
+
+    ascii_texts = [*CAPTIONS, "a red circle.", "it's 3 o'clock, isn't it?", "50% off (today) - #1 <b>"]
+    assert [clean_text(t) for t in ascii_texts] == ascii_texts
+    tokenizers = [tiny_tokenizer()]
+    with contextlib.suppress(ImportError):  # byte-level BPE too: OpenCLIP's vocabulary, as imported
+        from open_clip.tokenizer import SimpleTokenizer
+        from transformers import AutoTokenizer
+
+        from clip_train.models.openclip_import import write_clip_tokenizer
+
+        write_clip_tokenizer(SimpleTokenizer(), tmp_path / "bpe", 16)
+        tokenizers.append(AutoTokenizer.from_pretrained(str(tmp_path / "bpe")))
+    for hf in tokenizers:
+        assert torch.equal(TextTokenizer(hf, 16)(ascii_texts), _uncleaned_ids(hf, ascii_texts))
+
+
+def _uncleaned_ids(hf_tokenizer, texts) -> torch.Tensor:
+    tokens = hf_tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    return tokens["input_ids"]
+
+
+@pytest.mark.parametrize("to", ["openclip", "hf"])
+def test_exported_files_are_ordinary_files(tmp_path, to):
+    pytest.importorskip("open_clip" if to == "openclip" else "transformers.models.timm_wrapper")
+    folder = _saved_model(tmp_path, *([CLIP_TEXT, "model.text.pooling=eos"] if to == "hf" else []))
+    umask = os.umask(0o022)
+    try:
+        out = export_model(folder, to, tmp_path / "out").folder
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -14,6 +14,7 @@ open_clip = pytest.importorskip("open_clip")
 from clip_train.models.clip import ClipModel, load_tokenizer  # noqa: E402
 from clip_train.models.openclip_import import (  # noqa: E402
     OpenClipImportError,
+    check_timm_trunk,
     find_timm_vit,
     import_openclip,
     main,
@@ -252,6 +253,15 @@ def test_bundled_architectures_map_to_timm_clip_vits(name, timm_name):
     # structure only (meta device): building these models for real is too slow for a unit test
     _, cfg, _, bundled = resolve_openclip_config(name)
     assert bundled and find_timm_vit(cfg["vision_cfg"], cfg.get("quick_gelu", False)) == timm_name
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "resnet18"])
+def test_timm_trunks_whose_pooling_is_a_module_are_accepted_unless_they_pool_otherwise(name):
+    # EfficientNet and ResNet hold global_pool as a module: compared by its structure, not identity
+    # (structure only, on the meta device)
+    assert check_timm_trunk({"timm_model_name": name, "image_size": 224, "timm_pool": ""}) == name
+    with pytest.raises(OpenClipImportError, match="timm_pool='max'"):
+        check_timm_trunk({"timm_model_name": name, "image_size": 224, "timm_pool": "max"})
 
 
 def test_normalisation_follows_the_pretrained_tags_of_a_bundled_architecture():

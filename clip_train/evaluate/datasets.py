@@ -51,6 +51,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # shard members that hold the image, in the order build_eval_loader looks for them
 SHARD_IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 MANIFEST_SUFFIXES = {".csv", ".tsv", ".tab", ".jsonl", ".ndjson"}
+BUILTIN_SETS = ("fashion-mnist", "tuxpaint", "emoji")
 
 # What `clip-data demo` uses (its defaults, and launch/quickstart.sh passes no other): the
 # held-out sets below are rebuilt with the same rule and show the model the same pixels.
@@ -157,6 +158,25 @@ def load_dataset(
             [data.ids[i] for i in keep] if data.ids else [],
         )
     return data
+
+
+def naming_path(spec: str, *, retrieval: bool = False) -> Path:
+    """The path a set is named after: its last part is the name the loaders give it (a shard set's
+    folder, an image folder, a manifest's stem, a built-in's name); the parts before it tell two
+    sets of one name apart, as in CLIP_benchmark's layout where every set is in <name>/test/."""
+    if not retrieval and spec in BUILTIN_SETS:
+        return Path(spec)
+    manifest = Path(spec).suffix.lower() in MANIFEST_SUFFIXES and not spec.startswith("wds:")
+    if retrieval and manifest:
+        path = Path(spec).with_suffix("")
+    elif retrieval or spec.startswith("wds:"):
+        try:
+            path = Path(expand_urls(spec.removeprefix("wds:"), split="val")[0]).parent
+        except DataError as e:
+            raise DatasetError(str(e)) from None
+    else:
+        path = Path(spec)
+    return Path(os.path.abspath(path))  # "." and "test/0.tar" have parents too
 
 
 def _classnames(path: str) -> list[str]:

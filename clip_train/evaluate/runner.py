@@ -6,6 +6,11 @@ saved model. With several processes every rank encodes its share of the images a
 out_dir: `<dataset>_<task>.json` in CLIP_benchmark's layout ({"dataset", "model", "task",
 "metrics"} plus details) and, with plots on, `<dataset>_<task>.png`.
 
+A set is named after its folder (datasets.naming_path). Two sets of one name, such as
+CLIP_benchmark's a/test/0.tar and b/test/0.tar, are named by as many folders as tell them apart
+(a-test, b-test), and the same folder twice is numbered (test, test-2): no task ever overwrites
+another's results or metrics.
+
 Protocol (OpenCLIP's zero-shot classifier, CLIP_benchmark's metrics): L2-normalised embeddings;
 class embedding = renormalised mean of the normalised embeddings of its prompts; logits = 100 x
 cosine; top-1, top-5 (more than 5 classes), mean per-class recall; retrieval recall@k both ways,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -114,9 +120,19 @@ def run_evaluation(
     write = out_dir is not None and distributed.is_main()
     flat: dict[str, float] = {}
     started = time.perf_counter()
+    retrieval_tasks = list(cfg.retrieval_tasks)
+    heldout = bool(cfg.retrieval and val_shards)
+    if heldout:
+        retrieval_tasks.insert(0, RetrievalTask(dataset=val_shards, limit=cfg.retrieval_limit))
+    # named before anything is evaluated: a name depends on the other tasks' folders
+    zeroshot_names = unique_names([datasets.naming_path(t.dataset) for t in cfg.zeroshot])
+    retrieval_names = unique_names(
+        [Path("heldout")] * heldout  # the held-out pairs' historical name
+        + [datasets.naming_path(t.dataset, retrieval=True) for t in cfg.retrieval_tasks]
+    )
     try:
-        for task in cfg.zeroshot:
-            name, metrics, extra = zeroshot_classification(model, tokenizer, transform, task, ctx)
+        for task, name in zip(cfg.zeroshot, zeroshot_names, strict=True):
+            _, metrics, extra = zeroshot_classification(model, tokenizer, transform, task, ctx)
             flat.update({f"{name}/{k}": v for k, v in metrics.items()})
             if write:
                 path = _write_result(out_dir, name, "zeroshot_classification", model_name, metrics, extra)
@@ -127,21 +143,17 @@ def run_evaluation(
                     plot_confusion(
                         extra["confusion_matrix"], extra["classnames"], title, path.with_suffix(".png")
                     )
-        retrieval_tasks = list(cfg.retrieval_tasks)
-        if cfg.retrieval and val_shards:
-            retrieval_tasks.insert(0, RetrievalTask(dataset=val_shards, limit=cfg.retrieval_limit))
-        for index, task in enumerate(retrieval_tasks):
-            name, metrics, extra, ranks = image_text_retrieval(model, tokenizer, transform, task, ctx)
+        for index, (task, name) in enumerate(zip(retrieval_tasks, retrieval_names, strict=True)):
+            _, metrics, extra, ranks = image_text_retrieval(model, tokenizer, transform, task, ctx)
             # the held-out pairs keep their historical prefix "retrieval/"
-            prefix = "retrieval" if index == 0 and cfg.retrieval and val_shards else f"retrieval-{name}"
+            prefix = "retrieval" if index == 0 and heldout else f"retrieval-{name}"
             flat.update({f"{prefix}/{k}": v for k, v in metrics.items()})
             if write:
-                dataset = "heldout" if prefix == "retrieval" else name
-                path = _write_result(out_dir, dataset, "zeroshot_retrieval", model_name, metrics, extra)
+                path = _write_result(out_dir, name, "zeroshot_retrieval", model_name, metrics, extra)
                 if cfg.plots:
                     from clip_train.evaluate.plots import plot_recall_curves
 
-                    plot_recall_curves(*ranks, f"{dataset}: recall@k", path.with_suffix(".png"))
+                    plot_recall_curves(*ranks, f"{name}: recall@k", path.with_suffix(".png"))
     finally:
         model.train(was_training)
     flat["eval_seconds"] = time.perf_counter() - started
@@ -155,6 +167,38 @@ def _write_result(out_dir, dataset: str, task: str, model_name: str, metrics: di
     path = out_dir / f"{_file_safe(dataset)}_{task}.json"
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """A name per path, unique also as a file name: the last part, or as many parts joined by "-"
+    as tell it from the other paths of that name; a path given twice is numbered ("test-2")."""
+    parts = [p.relative_to(p.anchor).parts if p.anchor else p.parts for p in paths]
+    depth = [1] * len(paths)
+    grown = True
+    while grown:
+        names = ["-".join(q[-d:]) for q, d in zip(parts, depth)]
+        clashes = defaultdict(list)
+        for i, name in enumerate(names):
+            clashes[_file_safe(name)].append(i)
+        grown = False
+        for group in clashes.values():
+            for i in group:
+                # only while another path of the group differs: more parts cannot split equal paths
+                if depth[i] < len(parts[i]) and any(paths[j] != paths[i] for j in group):
+                    depth[i] += 1
+                    grown = True
+    taken = {_file_safe(name) for name in names}
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, count = name, 1
+        # numbered only where more parts cannot help, and never onto a name another path has
+        while _file_safe(candidate) in used or (count > 1 and _file_safe(candidate) in taken):
+            count += 1
+            candidate = f"{name}-{count}"
+        used.add(_file_safe(candidate))
+        unique.append(candidate)
+    return unique
 
 
 def _file_safe(name: str) -> str:

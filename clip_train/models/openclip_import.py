@@ -54,7 +54,8 @@ from clip_train.models.towers import TextTower
 TOLERANCE = 1e-4
 
 # Captions the import checks token ids and text embeddings on: case, punctuation, contractions,
-# digits, accents, runs of whitespace and one caption longer than any context length.
+# digits, accents, runs of whitespace, what OpenCLIP's cleaning changes (clip_train's tokenizer cleans
+# the same way: towers.clean_text) and one caption longer than any context length.
 CAPTIONS = (
     "a photo of a cat.",
     "Two DOGS playing in the snow!!!",
@@ -65,6 +66,7 @@ CAPTIONS = (
     "e-mail: someone@example.com",
     "50% off!!! buy now :)",
     "naïve résumé, déjà vu",
+    "\u201cquoted\u201d fish &amp; chips, \ufb01ne caf\u00c3\u00a9",
     "a diagram of a 3-layer MLP with ReLU",
     "",
     "a very long caption that keeps going " * 12,
@@ -403,7 +405,13 @@ def _same_structure(a: nn.Module, b: nn.Module) -> bool:
     shapes_a = {k: tuple(v.shape) for k, v in a.state_dict().items()}
     shapes_b = {k: tuple(v.shape) for k, v in b.state_dict().items()}
     attrs = ("global_pool", "num_prefix_tokens", "no_embed_class", "pool_include_prefix")
-    return shapes_a == shapes_b and all(getattr(a, n, None) == getattr(b, n, None) for n in attrs)
+    return shapes_a == shapes_b and all(_setting(a, n) == _setting(b, n) for n in attrs)
+
+
+def _setting(module: nn.Module, name: str):
+    # timm CNNs hold global_pool as a module: nn.Module compares by identity, so compare its structure
+    value = getattr(module, name, None)
+    return (type(value), repr(value)) if isinstance(value, nn.Module) else value
 
 
 def _timm_on_meta(name: str, image_size: int | None = None, **kwargs) -> nn.Module | None:

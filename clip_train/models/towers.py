@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import html
 import inspect
 import os
 from pathlib import Path
 
+import ftfy
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
@@ -466,11 +468,20 @@ def build_text_tower(cfg: TextTowerConfig) -> TextTower:
 # Tokenizer
 
 
+def clean_text(text: str) -> str:
+    """OpenCLIP's text cleaning (open_clip.tokenizer basic_clean + whitespace_clean): ftfy.fix_text,
+    HTML entities unescaped twice, runs of whitespace collapsed. OpenCLIP's tokenizers all apply it,
+    so clip_train's applies it too: an exported or imported model then tokenizes as in OpenCLIP.
+    Printable ASCII text without '&', with single spaces and none at either end, comes back unchanged."""
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+
 class TextTokenizer:
     """str -> LongTensor [L]; list[str] -> LongTensor [B, L]; L = context_length, right-padded.
 
     A plain class (not a lambda) so that DataLoader workers can pickle it. Too long texts are cut to
-    L tokens and keep their closing special token ([SEP]), so eos pooling still sees it.
+    L tokens and keep their closing special token ([SEP]), so eos pooling still sees it. Texts are
+    cleaned first as OpenCLIP cleans them (clean_text), for every tokenizer, in training and evaluation.
     """
 
     def __init__(self, tokenizer, context_length: int):
@@ -494,7 +505,7 @@ class TextTokenizer:
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         single = isinstance(texts, str)
         ids = self.tokenizer(
-            [texts] if single else list(texts),
+            [clean_text(t) for t in ([texts] if single else texts)],
             padding="max_length",
             truncation=True,
             max_length=self.context_length,
