@@ -312,6 +312,10 @@ def test_missing_demo_data_names_the_install_command(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="apt-get install -y tuxpaint-stamps-default"):
         load_dataset("tuxpaint")
     monkeypatch.setattr(datasets, "EMOJI_TEST_FILE", tmp_path / "emoji-test.txt")
+    # whatever this machine's cache holds: one with the npm tarball, then one without
+    (tmp_path / "with_tarball").mkdir()
+    (tmp_path / "with_tarball" / "lobehub-fluent-emoji-3d-1.0.0.tgz").write_bytes(b"")
+    monkeypatch.setenv("CLIP_TRAIN_CACHE", str(tmp_path / "with_tarball"))
     with pytest.raises(DatasetError, match="emoji-test.txt not found: apt-get install -y unicode-data"):
         load_dataset("emoji")
     (tmp_path / "emoji-test.txt").write_text("# group: Flags\n")

@@ -33,6 +33,12 @@ CAPTIONS = [
 ATOL = 1e-5
 
 
+# A run config only accepts these as a saved model's (init_from), with the locks a prior needs.
+SAVED = "model.init_from=/a/saved/model"
+CONCAT = ['model.image.concat=["test_efficientnet"]', SAVED]
+PRIOR = ["model.label_prior.weight=0.5", "model.image.lock=true", "model.text.lock=true", SAVED]
+
+
 def _saved_model(tmp_path, *overrides):
     """A tiny model with every weight and BatchNorm statistic moved off its initial value, saved."""
     cfg = load_config(["configs/tiny.yaml"], TINY + list(overrides))
@@ -167,10 +173,10 @@ def test_hf_export_gives_clip_train_embeddings(tmp_path, overrides):
             "test_vit at model.image.image_size=64: OpenCLIP's TimmModel",
         ),
         ("openclip", [CLIP_TEXT], "cannot load a clip_text_model text model"),
-        ("openclip", ['model.image.concat=["test_efficientnet"]'], "cannot express model.image.concat"),
-        ("hf", ['model.image.concat=["test_efficientnet"]'], "cannot express model.image.concat"),
-        ("openclip", ["model.label_prior.weight=0.5"], "cannot express model.label_prior"),
-        ("hf", ["model.label_prior.weight=0.5"], "cannot express model.label_prior"),
+        ("openclip", CONCAT, "cannot express model.image.concat"),
+        ("hf", CONCAT, "cannot express model.image.concat"),
+        ("openclip", PRIOR, "cannot express model.label_prior"),
+        ("hf", PRIOR, "cannot express model.label_prior"),
         ("hf", [], "cannot reproduce model.text.pooling=mean: .* for bert is tanh"),
         ("hf", ["model.text.pooling=cls"], "cannot reproduce model.text.pooling=cls: .* for bert is tanh"),
         ("hf", [CLIP_TEXT], "pooling=mean: .* for clip_text_model is the hidden state at the first eos"),
