@@ -68,9 +68,10 @@ def save(
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     failure = _attempt(lambda: accelerator.save_state(str(tmp)))
-    if accelerator.is_main_process and not _failed_anywhere(failure, accelerator):
+    failed = _failed_anywhere(failure, accelerator)  # every process calls both, in this order
+    if accelerator.is_main_process and not failed:
         failure = _attempt(lambda: _finish(tmp, step, meta, export_model))
-    if _failed_anywhere(failure, accelerator):
+    if _failed_anywhere(failure, accelerator) or failed:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(_write_failure_message(tmp, root, failure))
