@@ -99,7 +99,12 @@ def test_layer_wise_decay_reaches_the_first_of_concatenated_image_towers():
     from clip_train.config import load_config
     from clip_train.models.clip import ClipModel
 
-    overrides = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused", 'model.image.concat=["test_resnet"]']
+    overrides = [
+        "run_dir=/tmp/unused",
+        "data.train_shards=/tmp/unused",
+        'model.image.concat=["test_resnet"]',
+        "model.init_from=/a/saved/model",
+    ]
     model = ClipModel(load_config(["configs/tiny.yaml"], overrides).model)
     lr_of = {}
     for group in param_groups(model, OptimConfig(lr=1.0, image_lr_mult=0.1, layer_decay=0.5)):
