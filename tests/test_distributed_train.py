@@ -25,19 +25,9 @@ def test_two_process_run_trains_checkpoints_and_refuses_a_different_world_size(t
         "loss.impl=tiled", "loss.block_size=5", "train.accum_steps=2",
     ]  # fmt: skip
     # torchrun sets RANK/WORLD_SIZE; Accelerate then runs DDP over gloo on the CPU
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-    ]
-    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        _torchrun(_free_port(), *args), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in train] == list(range(1, 9))  # one writer: the main process
