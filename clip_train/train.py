@@ -55,6 +55,7 @@ from clip_train.evaluate.runner import run_evaluation
 from clip_train.finetune import default_metrics, format_wise_table, wise_ft_sweep, write_wise
 from clip_train.flops import FlopMetrics, count_training_flops
 from clip_train.loss.contrastive import ContrastiveLoss
+from clip_train.models.arch import arch_model_config
 from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
 from clip_train.models.towers import batch_normalizer, build_image_transforms, build_tokenizer
 from clip_train.optim import build_optimizer, build_scheduler, trainable_summary
@@ -250,6 +251,8 @@ def main(cfg: RunConfig) -> dict:
             "finetune.wise_alphas is not supported under FSDP: launch with DDP or drop the sweep"
         )
     init_folder = None
+    if cfg.model.arch:  # an OpenCLIP architecture by name, resolved (like init_from) before the fingerprint
+        cfg.model = arch_model_config(cfg.model)
     if cfg.model.init_from:  # fine-tuning a saved model: its architecture, this run's locks
         init_folder = find_model_folder(cfg.model.init_from)
         # resolved before the fingerprint below, so that the saved config.yaml (which holds the

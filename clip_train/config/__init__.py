@@ -10,6 +10,8 @@ from clip_train.config.load import (
     to_dict,
 )
 from clip_train.config.schema import (
+    ARCH_PREFIX,
+    ARCHITECTURES,
     LOSS_INIT,
     MISSING,
     ConfigError,
@@ -30,12 +32,12 @@ from clip_train.config.schema import (
     ZeroShotTask,
     concat_entry,
 )
-from clip_train.config.validate import check_data_sources, check_run_dir, validate
+from clip_train.config.validate import check_arch, check_data_sources, check_run_dir, validate
 
 __all__ = [
-    "LOSS_INIT", "MISSING", "ConfigError", "DataConfig", "DataSource", "EvalConfig", "FinetuneConfig",
-    "ImageTowerConfig", "LabelPriorConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig",
-    "RetrievalTask", "RunConfig", "TextTowerConfig", "TrainConfig", "ZeroShotTask", "all_keys",
-    "build_dataclass", "check_data_sources", "check_run_dir", "concat_entry", "fill_loss_defaults",
-    "load_config", "save_config", "to_dict", "validate",
+    "ARCH_PREFIX", "ARCHITECTURES", "LOSS_INIT", "MISSING", "ConfigError", "DataConfig", "DataSource",
+    "EvalConfig", "FinetuneConfig", "ImageTowerConfig", "LabelPriorConfig", "LogConfig", "LossConfig",
+    "ModelConfig", "OptimConfig", "RetrievalTask", "RunConfig", "TextTowerConfig", "TrainConfig",
+    "ZeroShotTask", "all_keys", "build_dataclass", "check_arch", "check_data_sources", "check_run_dir",
+    "concat_entry", "fill_loss_defaults", "load_config", "save_config", "to_dict", "validate",
 ]  # fmt: skip

@@ -126,6 +126,10 @@ class ModelConfig:
     # unlocked_groups, freeze_bn_stats, text.lock, unlocked_layers) still comes from this config,
     # and so do label_prior.weight and top_k when weight > 0 (0 keeps the saved model's prior).
     init_from: str = ""
+    # An OpenCLIP architecture by name, built from scratch at start-up: "openclip:ViT-B-32" (one of
+    # ARCHITECTURES below). Like init_from it replaces the towers, embed_dim and image_proj above;
+    # locks, image.pretrained and the loss's temperature stay this config's (models/arch.py).
+    arch: str = ""
 
 
 @dataclass
@@ -320,6 +324,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+
+# model.arch values: ARCH_PREFIX + one of these OpenCLIP names (models/arch.py says what each maps to)
+ARCH_PREFIX = "openclip:"
+ARCHITECTURES = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP")
 
 # The temperature and bias each loss starts from: CLIP's 0.07; SigLIP's t = 10, b = -10 (its
 # paper), a bias that makes the many negatives start near sigmoid(-10) instead of dominating.

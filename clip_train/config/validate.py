@@ -6,10 +6,19 @@ two or more keys together. Code below the config can trust a config that passed 
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
-from clip_train.config.schema import ConfigError, DataConfig, RunConfig, concat_entry
+from clip_train.config.schema import (
+    ARCH_PREFIX,
+    ARCHITECTURES,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    concat_entry,
+)
 
 FULLY_LOCKED_IMAGE = (
     "model.image.lock=true, model.image.unlocked_groups=0 and model.image.freeze_bn_stats=true"
@@ -37,6 +46,33 @@ def validate(cfg: RunConfig) -> None:
             "(a file or package:...), or start from a saved model with model.init_from"
         )
     _check_label_prior(cfg)
+    check_arch(cfg.model)
+
+
+def check_arch(model: ModelConfig) -> None:
+    """model.arch names a known architecture and is the only source of the architecture."""
+    if not model.arch:
+        return
+    name = model.arch.removeprefix(ARCH_PREFIX)
+    if not model.arch.startswith(ARCH_PREFIX) or name not in ARCHITECTURES:
+        close = difflib.get_close_matches(name, ARCHITECTURES, n=1)
+        known = ", ".join(ARCHITECTURES)
+        hint = f"did you mean {ARCH_PREFIX}{close[0]}?" if close else f"choose one of {known}"
+        raise ConfigError(f"model.arch={model.arch} is not a known architecture: {hint}")
+    if model.init_from:
+        raise ConfigError(
+            f"model.arch={model.arch} and model.init_from={model.init_from} both give the architecture: "
+            "drop one of them"
+        )
+    if model.text.pretrained:
+        raise ConfigError(
+            f"model.arch={model.arch} builds its own text tower from scratch: drop model.text.pretrained"
+        )
+    if model.label_prior.weight > 0 or model.image.concat:
+        raise ConfigError(
+            f"model.arch={model.arch} builds OpenCLIP's towers alone: drop model.label_prior and "
+            "model.image.concat"
+        )
 
 
 def _image_fully_locked(cfg: RunConfig) -> bool:

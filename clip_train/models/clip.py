@@ -218,7 +218,9 @@ class ClipModel(nn.Module):
             lock=False,
         )
         label_prior = dataclasses.replace(self.cfg.label_prior)  # a copy: save_pretrained edits it
-        return dataclasses.replace(self.cfg, image=image, text=text, label_prior=label_prior, init_from="")
+        return dataclasses.replace(
+            self.cfg, image=image, text=text, label_prior=label_prior, init_from="", arch=""
+        )
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
         """state_dict: the weights to write instead of this module's own (e.g. gathered from FSDP shards)."""

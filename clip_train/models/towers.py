@@ -528,7 +528,8 @@ def tiny_tokenizer() -> BertTokenizerFast:
 
 
 def build_tokenizer(cfg: TextTowerConfig) -> TextTokenizer:
-    """From cfg.tokenizer ("builtin:tiny" or a local folder), else the pretrained folder."""
+    """From cfg.tokenizer ("builtin:tiny", "builtin:clip-bpe" or a local folder), else the pretrained
+    folder."""
     # The Rust tokenizer's thread pool does not survive DataLoader's fork and would warn in each
     # worker; workers give the parallelism anyway. A user's own setting wins.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -540,8 +541,15 @@ def build_tokenizer(cfg: TextTowerConfig) -> TextTokenizer:
         )
     if spec == "builtin:tiny":
         tokenizer = tiny_tokenizer()
+    elif spec == "builtin:clip-bpe":
+        from clip_train.models.arch import clip_bpe_tokenizer  # OpenCLIP's vocabulary, only when asked
+
+        tokenizer = clip_bpe_tokenizer()
     elif spec.startswith("builtin:"):
-        raise ConfigError(f"model.text.tokenizer={spec} is unknown: the built-in tokenizer is builtin:tiny")
+        raise ConfigError(
+            f"model.text.tokenizer={spec} is unknown: the built-in tokenizers are builtin:tiny and "
+            "builtin:clip-bpe"
+        )
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_text_folder(spec), local_files_only=True)
     return TextTokenizer(tokenizer, cfg.context_length)
