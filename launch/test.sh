@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash launch/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
 python3 -m ruff check .
-python3 -m pytest -q "$@"
+# the slowest tests, to keep the suite under its 15-minute budget
+python3 -m pytest -q --durations=20 "$@"
