@@ -40,8 +40,8 @@ size clip_train's evaluator encodes at once (eval.image_chunk, auto: 8 on CPU), 
 the ratio that chunking explains; OpenCLIP evaluates with its training --batch-size, so its users
 get it only by training with that batch.
 
-Measured (2-core Xeon, fp32, batch 64, 1,000 Fashion-MNIST images, 80 templates, 2026-11-26; README
-has the table): OpenCLIP 36.2 images/s, clip_train 76.5 cold (2.11x) and 82.0 warm (2.27x),
+Measured (2-core Xeon, fp32, batch 64, 1,000 Fashion-MNIST images, 80 templates, 2026-11-26;
+docs/benchmarks.md has the table): OpenCLIP 36.2 images/s, clip_train 76.5 cold (2.11x) and 82.0 warm (2.27x),
 OpenCLIP at batch 8 63.2; the same top-1 on all sides. The image forward is ~95% of OpenCLIP's time;
 clip_train's image forward takes 11.2 s against OpenCLIP's 26.1 s at batch 64 and 14.2 s at batch 8
 (the traced, frozen tower: BatchNorm folded, oneDNN kernels; eval.jit_image_tower). --quick figures

@@ -1,4 +1,4 @@
-"""Imports go one way (DESIGN.md): a module may import only from layers below it."""
+"""Imports go one way (docs/design.md): a module may import only from layers below it."""
 
 import ast
 from pathlib import Path
