@@ -49,3 +49,20 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
         for j, colour in enumerate(COLOURS):
             draw(shape, colour, seed=1000 + j).save(classes / shape / f"{j}.png")
     return {"shards": shards, "classes": classes}
+
+
+CUDA_SKIP_REASON = "needs a CUDA GPU (none here)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are collected everywhere and skipped, with the reason, without a GPU."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    import torch  # asked only when a cuda test was collected; is_available() starts no CUDA context
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in cuda_items:
+        item.add_marker(skip)

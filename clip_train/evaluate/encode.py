@@ -101,7 +101,9 @@ class InferenceTowers:
     kernels. Same weights, same function to fp32 rounding (~1e-6 relative); for EfficientNet-Lite0 on this
     CPU, in chunks of 8, ~1.25x the images per second of the eager tower (benchmarks/eval.py).
 
-    Used in fp32 only (tracing under autocast would bake one precision's casts in); a tower that
+    Used in fp32 on the CPU only: tracing under autocast would bake one precision's casts in, and
+    the gain is the CPU's (oneDNN kernels, measured there), not a GPU's, whose eager tower already
+    runs cuDNN's; so like the other CPU tunings it switches itself off elsewhere. A tower that
     cannot be traced (data-dependent control flow) is used as it is. Rebuilt when the weights change
     (about a second for EfficientNet-Lite0), held weakly by model like the classifier cache.
     """
@@ -110,7 +112,7 @@ class InferenceTowers:
         self._store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def get(self, model, example: torch.Tensor, ctx: EvalContext) -> Callable[[torch.Tensor], torch.Tensor]:
-        if not ctx.jit_image_tower or ctx.precision != "fp32":
+        if not ctx.jit_image_tower or ctx.precision != "fp32" or ctx.device.type != "cpu":
             return model.image_tower_features
         version = _parameters_version(model)
         cached = self._store.get(model)

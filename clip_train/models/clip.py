@@ -28,7 +28,9 @@ from clip_train.models.dropout import swap_dropout
 from clip_train.models.label_prior import SHIPPED_LABEL_SETS, LabelPrior, read_labels
 from clip_train.models.pretrained import WeightsMismatchError
 from clip_train.models.towers import (
+    COMPILED_LENGTH_MULTIPLE,
     ConcatImageTowers,
+    TextTower,
     build_image_tower,
     build_text_tower,
     build_tokenizer,
@@ -124,6 +126,15 @@ class ClipModel(nn.Module):
         if self.prior_text is not None:
             self.prior_text.eval()  # no dropout: the label embeddings were made in eval mode
         return self
+
+    def compile(self, *args, **kwargs) -> None:
+        """nn.Module.compile (in place: state dict keys unchanged), with the text towers' padding
+        trimmed to multiples of COMPILED_LENGTH_MULTIPLE: to the exact longest caption, each batch
+        would be a new shape, recompiled. Uncompiled models keep the exact trim."""
+        for module in self.modules():
+            if isinstance(module, TextTower):  # the trained tower and the label prior's frozen copy
+                module.length_multiple = COMPILED_LENGTH_MULTIPLE
+        super().compile(*args, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the towers' activations in the backward instead of storing them (less memory,

@@ -42,6 +42,9 @@ from clip_train.models.pretrained import (
 
 TINY_VOCAB = Path(__file__).resolve().parent.parent / "assets" / "tiny_vocab.txt"
 POOLINGS = ("mean", "cls", "eos")
+# TextTower.length_multiple of a compiled model: caption widths fall into a few buckets (at most 5
+# for OpenCLIP's 77-token context) instead of one new shape, and compilation, per batch.
+COMPILED_LENGTH_MULTIPLE = 16
 
 # ----------------------------------------------------------------------------------------------
 # Image tower
@@ -263,7 +266,8 @@ class BatchNormalize:
     reuse=k writes the results into k buffers taken in turn, so a returned batch is overwritten by
     the k-th call after it: the caller must be done with it by then (train.py passes the number of
     micro-batches it holds at once). Why: on the CPU a fresh 38 MB batch (64 x 224 px) is fresh
-    pages from the OS, and faulting them in costs 10 ms, 4x the arithmetic. reuse=0 allocates.
+    pages from the OS, and faulting them in costs 10 ms, 4x the arithmetic. reuse=0 allocates, and
+    so does any other device (CUDA's caching allocator already hands back memory it holds).
     """
 
     def __init__(self, mean, std, memory_format=torch.contiguous_format, reuse: int = 0):
@@ -276,7 +280,7 @@ class BatchNormalize:
 
     def _output_for(self, images: torch.Tensor) -> torch.Tensor:
         """The float tensor to write this batch into: the next of the reused buffers, or a new one."""
-        if not self.reuse:
+        if not self.reuse or images.device.type != "cpu":
             return torch.empty(images.shape, device=images.device, memory_format=self.memory_format)
         slot, self._turn = self._turn, (self._turn + 1) % self.reuse
         buffer = self._buffers[slot]
@@ -328,13 +332,16 @@ class TextTower(nn.Module):
         self.pad_token_id = int(pad)
         self.num_features = transformer.get_input_embeddings().embedding_dim
         self.frozen_modules: list[str] = []  # names in self.transformer kept in eval mode (see lock)
+        # Padding is trimmed to a multiple of this many columns (capped at the padded width). 1 trims
+        # to the longest caption exactly; ClipModel.compile sets COMPILED_LENGTH_MULTIPLE, since
+        # under torch.compile every new width is a new shape to compile for.
+        self.length_multiple = 1
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Captions are padded to context_length but are mostly much shorter: dropping the columns
         # that are padding in every row gives the same result (right padding, masked attention)
         # for a fraction of the compute.
-        real_length = int(input_ids.ne(self.pad_token_id).sum(dim=1).max().clamp(min=1))
-        input_ids = input_ids[:, :real_length]
+        input_ids = input_ids[:, : self.trimmed_width(input_ids)]
         mask = input_ids.ne(self.pad_token_id)
         hidden = self.transformer(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         if self.pooling == "cls":
@@ -346,6 +353,18 @@ class TextTower(nn.Module):
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def trimmed_width(self, input_ids: torch.Tensor) -> int:
+        """The columns to keep: the longest caption's tokens, or with length_multiple > 1 that rounded
+        up to a multiple of it and capped at the padded width (more columns give the same features to
+        float rounding: they are masked padding)."""
+        width = input_ids.ne(self.pad_token_id).sum(dim=1).max().clamp(min=1)
+        if self.length_multiple > 1:
+            # Rounded while still a tensor: under torch.compile the int() below is a graph break, and
+            # the code after it is compiled for each value it returns, so only buckets may reach it.
+            step = self.length_multiple
+            width = ((width + step - 1) // step * step).clamp(max=input_ids.shape[1])
+        return int(width)
 
     def hf_config_dict(self) -> dict:
         """The transformer's config as plain values, enough to rebuild the architecture offline."""
