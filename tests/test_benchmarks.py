@@ -122,3 +122,39 @@ def test_train_benchmark_quick_mode_trains_the_same_model_on_both_sides(tmp_path
         curves = result["loss_curves"]["clip_train vs openclip"]
         assert curves["steps"] == 6 and curves["max_lr_diff"] < 1e-6
         assert "vs OpenCLIP" in done.stdout and result["ratio"] > 0
+
+
+def test_gpu_benchmark_dry_mode_runs_every_stage_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh --dry: the GPU script's stages, children and report at tiny size, so that
+    the script a GPU machine runs once cannot rot between such runs."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--dry", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "GPU_WORK": str(tmp_path / "work")},
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dry"] and result["shards"]["samples"] == 64
+    # the loss stage: the three implementations ran and agree (Inf-CL in Triton's interpreter)
+    loss_rows = result["loss"]["rows"]
+    assert {r["impl"] for r in loss_rows} == {"tiled", "open_clip", "inf_cl"}
+    assert all(r["status"] == "ok" for r in loss_rows), loss_rows
+    assert max(r["loss"] for r in loss_rows) - min(r["loss"] for r in loss_rows) == pytest.approx(0, abs=1e-4)
+    # the training stage: clip_train's model-only step and trainer, OpenCLIP's trainer, eager and compiled
+    cells = {(r["side"], r.get("mode"), r["compile"]): r for r in result["train_rows"]}
+    for side, mode in (("clip_train", "model_only"), ("clip_train", "pipeline"), ("open_clip", "pipeline")):
+        for compile_ in (False, True):
+            row = cells[(side, mode, compile_)]
+            assert row["status"] == "ok" and row["samples_per_s"] > 0, row
+    assert all(line["ratio"] > 0 for line in result["train_table"])
+    # the evaluation stage: one of OpenCLIP's architectures by name, both sides timed
+    evaluation = result["eval"]["result"]
+    assert evaluation["meta"]["arch"] == "openclip:ViT-B-32" and evaluation["meta"]["num_templates"] == 2
+    assert all(side["images_per_s"] > 0 for side in evaluation["sides"].values())
+    # the report: every goal is stated, reached or not
+    assert set(result["goals"]) >= {"train_ratio_reached", "b16_mfu_reached", "loss_1m_reached"}
+    assert "goals: training >= 1.3x OpenCLIP" in done.stdout and "zero-shot evaluation" in done.stdout
