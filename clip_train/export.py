@@ -160,12 +160,6 @@ def export_model(model_dir: str | Path, to: str, out: str | Path) -> ExportResul
             f"--to {to} cannot express model.image.concat (several image towers side by side): "
             "neither OpenCLIP nor transformers has a concatenated image tower"
         )
-    if model.label_prior is not None:
-        raise ExportError(
-            f"--to {to} cannot express model.label_prior (a classifier-head prior beside the projections): "
-            "neither OpenCLIP nor transformers has one; export a model trained with "
-            "model.label_prior.weight=0"
-        )
     tokenizer = load_tokenizer(model_dir)
     notes = _check_openclip(model) if to == "openclip" else _check_hf(model, tokenizer)
 

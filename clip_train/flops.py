@@ -15,8 +15,7 @@ multiply-add). It is split at the tower outputs into three parts:
 - text: the transformer at the full context_length (a caption with no padding), forward plus the
   backward of its trainable layers. This is the model as configured: TextTower drops columns that
   are padding in the whole batch, so the text work really done per step is usually less, which
-  makes the MFU from these figures an upper bound for the text part. With
-  model.label_prior.frozen_text, the frozen copy's forward is counted here too.
+  makes the MFU from these figures an upper bound for the text part.
 - head: the two projections, forward and backward (they always train).
 
 Backward FLOPs are measured, not assumed to be 2x the forward: autograd computes weight
@@ -158,8 +157,6 @@ def count_training_flops(model: ClipModel) -> TrainingFlops:
             image_forward = counter.get_total_flops()
             with _counter() as counter:
                 text_features = model.text(tokens)
-                if model.prior_text is not None:  # the label prior's frozen text copy: forward only
-                    model.prior_text(tokens)
             text_forward = counter.get_total_flops()
             # The head on the towers' outputs cut loose from them, so that its backward, and each
             # tower's, is counted on its own: the same operations as one joint backward.

@@ -10,8 +10,8 @@ from torch import nn
 
 from clip_train.config import ConfigError, OptimConfig
 
-# parameter prefix -> tower (the rest is the head); prior_text is the label prior's frozen text copy
-TOWERS = {"visual.": "image", "text.": "text", "prior_text.": "text"}
+# parameter prefix -> tower (the rest is the head)
+TOWERS = {"visual.": "image", "text.": "text"}
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

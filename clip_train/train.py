@@ -139,8 +139,6 @@ class ImageFeatureCache:
     Exact, not an approximation: the locked tower's BatchNorm layers are frozen (fixed statistics in
     any mode), timm towers built with num_classes=0 have no dropout on their features, and the
     training images get the deterministic eval transform, so recomputing gives the same values.
-    With train.cache_image_views K > 1 the keys carry the view (see build_train_loader's `views`),
-    each view a seeded augmentation, so this still holds per view.
     Not saved in checkpoints; a resumed run refills it with the same values.
     """
 
@@ -169,7 +167,6 @@ def training_transforms(model: ClipModel, cfg: RunConfig) -> tuple:
         model.visual,
         cfg.model.image,
         crop_scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max),
-        gray_invert_prob=cfg.data.gray_invert_prob,
         uint8=True,
     )
     _, evaluate = build_image_transforms(model.visual, cfg.model.image)
@@ -306,9 +303,7 @@ def main(cfg: RunConfig) -> dict:
     feature_cache = None
     if cfg.train.cache_image_features:
         feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
-        if cfg.train.cache_image_views == 1:
-            train_transform = fixed_view_transform  # one fixed view per sample (see ImageFeatureCache)
-    views = (cfg.train.seed, cfg.train.cache_image_views) if cfg.train.cache_image_views > 1 else None
+        train_transform = fixed_view_transform  # one fixed view per sample (see ImageFeatureCache)
     loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
@@ -413,7 +408,6 @@ def main(cfg: RunConfig) -> dict:
             with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
             decode_size=cfg.model.image.image_size if cfg.data.fast_decode else None,
             skip_through=skip_through,
-            views=views,
         )
 
     # ---------------------------------------------------------------- loop

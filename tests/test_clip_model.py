@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from clip_train.config import ImageTowerConfig, load_config
+from clip_train.config import ConfigError, ImageTowerConfig, load_config
 from clip_train.models.clip import ClipModel, load_tokenizer
 from clip_train.models.towers import build_image_tower, build_tokenizer
 
@@ -56,6 +56,27 @@ def test_a_saved_model_with_concatenated_image_towers_loads_without_their_weight
     loaded = ClipModel.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(images), want)
+
+
+def test_a_model_saved_with_a_label_prior_loads_when_it_was_off_and_is_refused_when_on(tmp_path):
+    # models saved before model.label_prior was removed record it in their config.json
+    cfg, model = _model()
+    model.save_pretrained(tmp_path / "m", build_tokenizer(cfg.model.text))
+    config = tmp_path / "m" / "config.json"
+    saved = json.loads(config.read_text())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model.encode_image(images)
+    for weight in (0.0, 0.85):
+        saved["model"]["label_prior"] = {"weight": weight, "top_k": 10, "labels": "imagenet"}
+        config.write_text(json.dumps(saved))
+        if weight == 0:
+            loaded = ClipModel.from_pretrained(tmp_path / "m").eval()
+            with torch.no_grad():
+                assert torch.equal(loaded.encode_image(images), want)
+        else:
+            with pytest.raises(ConfigError, match="uses model.label_prior, which clip_train no longer has"):
+                ClipModel.from_pretrained(tmp_path / "m")
 
 
 def test_embeddings_are_unit_length_and_logit_scale_is_clamped():

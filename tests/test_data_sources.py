@@ -230,42 +230,6 @@ def test_a_loader_rebuilt_from_the_positions_continues_with_the_same_batches(
         assert len(positions) == 2 and next_worker == stop_after % 2
 
 
-def test_fixed_views_are_the_same_augmentation_every_pass_and_drawn_anew_per_pass(tmp_path):
-    # train.cache_image_views: view v of a sample must be the same pixels whatever the loader seed
-    # (pass, segment) and worker, or a cached feature would stand for another image
-    good_shard(tmp_path / "a.tar", "a", n=6)
-    good_shard(tmp_path / "b.tar", "b", n=6)
-
-    def augment(img):  # random, drawing from torch's global RNG like torchvision's transforms
-        return to_tensor(img) * torch.rand(1)
-
-    seen: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
-    views_of: dict[str, set[str]] = collections.defaultdict(set)
-    for seed, workers in [(0, 0), (1, 2), (2, 0), (3, 2)]:  # four passes
-        for images, _, _, keys, _, _ in loader(
-            f"{tmp_path}/{{a,b}}.tar", seed=seed, num_workers=workers, transform=augment, views=(7, 3)
-        ):
-            for image, key in zip(images, keys, strict=True):
-                sample, _, view = key.rpartition("#")
-                assert view in {"0", "1", "2"}
-                seen[key].append(image)
-                views_of[sample].add(view)
-    for images in seen.values():  # the same view is the same augmentation every time
-        assert all(torch.equal(images[0], other) for other in images[1:])
-    # different views of one sample are different augmentations
-    firsts = {key: images[0] for key, images in seen.items()}
-    sample = next(s for s, views in views_of.items() if len(views) > 1)
-    a, b = sorted(views_of[sample])[:2]
-    assert not torch.equal(firsts[f"{sample}#{a}"], firsts[f"{sample}#{b}"])
-    # each pass draws views anew: over four passes most samples were seen in more than one view
-    assert sum(len(views) > 1 for views in views_of.values()) >= 6
-    # a different run seed gives other views
-    other = next(iter(loader(f"{tmp_path}/{{a,b}}.tar", transform=augment, views=(8, 3))))
-    assert any(
-        key in firsts and not torch.equal(firsts[key], image) for image, key in zip(other[0], other[3])
-    )
-
-
 # ------------------------------------------------------------------------------ sources
 
 

@@ -33,10 +33,9 @@ CAPTIONS = [
 ATOL = 1e-5
 
 
-# A run config only accepts these as a saved model's (init_from), with the locks a prior needs.
+# A run config only accepts this as a saved model's (init_from).
 SAVED = "model.init_from=/a/saved/model"
 CONCAT = ['model.image.concat=["test_efficientnet"]', SAVED]
-PRIOR = ["model.label_prior.weight=0.5", "model.image.lock=true", "model.text.lock=true", SAVED]
 
 
 def _saved_model(tmp_path, *overrides):
@@ -175,8 +174,6 @@ def test_hf_export_gives_clip_train_embeddings(tmp_path, overrides):
         ("openclip", [CLIP_TEXT], "cannot load a clip_text_model text model"),
         ("openclip", CONCAT, "cannot express model.image.concat"),
         ("hf", CONCAT, "cannot express model.image.concat"),
-        ("openclip", PRIOR, "cannot express model.label_prior"),
-        ("hf", PRIOR, "cannot express model.label_prior"),
         ("hf", [], "cannot reproduce model.text.pooling=mean: .* for bert is tanh"),
         ("hf", ["model.text.pooling=cls"], "cannot reproduce model.text.pooling=cls: .* for bert is tanh"),
         ("hf", [CLIP_TEXT], "pooling=mean: .* for clip_text_model is the hidden state at the first eos"),
@@ -277,7 +274,10 @@ def test_the_openclip_export_imports_back_with_the_same_weights_and_embeddings(t
     ids = tokenizer(CAPTIONS + DIRTY)
     assert torch.equal(back_tokenizer(CAPTIONS + DIRTY), ids)
     with torch.no_grad():
-        assert torch.equal(back.encode_image(images), model.encode_image(images))
+        # the weights are equal bit for bit (above); the image embeddings to rounding only, since the
+        # importer picks the tower's memory format (channels_last off for a ViT) where the saved
+        # model may have had it on, and the patch convolution rounds differently in each
+        torch.testing.assert_close(back.encode_image(images), model.encode_image(images), rtol=0, atol=1e-6)
         assert torch.equal(back.encode_text(ids), model.encode_text(ids))
 
 

@@ -14,7 +14,6 @@ from clip_train.models.pretrained import (
     WeightsMismatchError,
     WeightsNotFoundError,
     load_image_weights,
-    read_classifier_head,
     resolve_image_weights,
     resolve_text_folder,
 )
@@ -115,19 +114,6 @@ def test_uint8_transforms_then_batch_normalize_equal_the_float_transforms():
     assert third.data_ptr() == first.data_ptr() != second.data_ptr()
     assert third.is_contiguous(memory_format=torch.channels_last)
     assert reusing(batch[:1]).shape == (1, 3, 64, 64)  # another batch shape gets its own buffer
-
-
-def test_gray_invert_augmentation_makes_the_crop_its_grayscale_negative():
-    model = build_image_tower(_image_cfg())
-    red = Image.new("RGB", (80, 80), (255, 0, 0))
-    always, _ = build_image_transforms(model, _image_cfg(), gray_invert_prob=1.0, uint8=True)
-    assert always(red).unique().tolist() == [255 - round(0.299 * 255)]  # PIL's luma of red, inverted
-    never, _ = build_image_transforms(model, _image_cfg(), gray_invert_prob=0.0, uint8=True)
-    assert never(red)[:, 0, 0].tolist() == [255, 0, 0]
-    half, _ = build_image_transforms(model, _image_cfg(), gray_invert_prob=0.5, uint8=True)
-    torch.manual_seed(0)
-    inverted = [bool(half(red)[1, 0, 0] > 0) for _ in range(40)]
-    assert 8 <= sum(inverted) <= 32
 
 
 def test_image_transforms_use_package_weights_normalisation():
@@ -400,12 +386,8 @@ def test_lite_package_weights_match_reference_loader(variant, size):
     with torch.no_grad():
         expected = ref._avg_pooling(ref.extract_features(x)).flatten(1)
         got = tower(x)
-        # the classifier head model.label_prior keeps: the package model's own logits
-        weight, bias = read_classifier_head(tower, resolve_image_weights(spec))
-        logits, expected_logits = got @ weight.T + bias, ref(x)
     assert got.shape == (2, 1280)
     assert torch.allclose(got, expected, atol=1e-4)
-    assert logits.shape == (2, 1000) and torch.allclose(logits, expected_logits, atol=1e-3)
 
 
 def test_minilm_package_gives_sensible_similarities():

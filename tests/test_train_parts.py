@@ -7,7 +7,7 @@ import torch
 
 from clip_train.config import ConfigError, load_config, validate
 from clip_train.models.clip import ClipModel
-from clip_train.train import ImageFeatureCache, due, segment_seed, training_transforms
+from clip_train.train import ImageFeatureCache, due, segment_seed
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 
@@ -38,42 +38,12 @@ def test_feature_cache_needs_a_fully_locked_image_tower():
         validate(cfg)
 
 
-def test_gray_invert_needs_augmented_training_images_and_a_probability():
-    cached = ["model.image.lock=true", "train.cache_image_features=true", "data.gray_invert_prob=0.5"]
-    with pytest.raises(ConfigError, match="data.gray_invert_prob augments training images"):
-        _load(*cached)  # one fixed eval view per image would silently ignore it
-    _load(*cached, "train.cache_image_views=2")
-    _load("data.gray_invert_prob=0.5")
-    with pytest.raises(
-        ConfigError, match=r"data.gray_invert_prob=1.5 is out of range: it must be in \[0, 1\]"
-    ):
-        _load("data.gray_invert_prob=1.5")
-
-
-def test_the_run_trains_on_gray_inverted_crops_when_asked():
-    from PIL import Image
-
-    red = Image.new("RGB", (80, 80), (255, 0, 0))
-    for prob, want in [(1.0, [179, 179, 179]), (0.0, [255, 0, 0])]:
-        cfg = load_config(["configs/tiny.yaml"], TINY + [f"data.gray_invert_prob={prob}"])
-        train, fixed_view, _ = training_transforms(ClipModel(cfg.model), cfg)
-        assert train(red)[:, 0, 0].tolist() == want
-        assert fixed_view(red)[:, 0, 0].tolist() == [255, 0, 0]  # evaluation views are never altered
-
-
 def test_concat_entries_of_a_new_run_need_weights():
     with pytest.raises(
         ConfigError, match="entry test_resnet has no weights: write it as test_resnet=WEIGHTS"
     ):
         _load('model.image.concat=["test_resnet"]')
     _load('model.image.concat=["test_resnet"]', "model.init_from=/a/saved/model")  # a saved model's names
-
-
-def test_cached_views_need_the_feature_cache_and_a_positive_count():
-    with pytest.raises(ConfigError, match="needs train.cache_image_features=true"):
-        _load("train.cache_image_views=3")
-    with pytest.raises(ConfigError, match="train.cache_image_views=0 is out of range: it must be at least 1"):
-        _load("train.cache_image_views=0")
 
 
 def test_wise_ft_without_evaluation_tasks_is_refused_before_training():

@@ -83,29 +83,6 @@ class TextTowerConfig:
 
 
 @dataclass
-class LabelPriorConfig:
-    # ConSE (models/label_prior.py): the locked image towers' own ImageNet classifier heads name what
-    # an image shows, in the frozen text tower's words; the embedding appends that (times `weight`)
-    # to the learned projection, and the text side appends the text tower's own embedding. It brings
-    # the towers' knowledge of classes the training captions never mention (Fashion-MNIST's clothes
-    # in the demo) into zero-shot transfer. 0 = off (OpenCLIP). Needs image pretrained weights with
-    # their classifier and a fully locked image tower (no unlocked groups, frozen BatchNorm
-    # statistics), and a text space that stays put: a locked text tower, or frozen_text below.
-    weight: float = _range(0.0, 0)
-    top_k: int = _range(10, 1)  # classes whose label embeddings are mixed, by probability
-    # "imagenet" (the 1,000 ImageNet-1k class names, shipped) or a file, one name per classifier row
-    labels: str = "imagenet"
-    # Keep a frozen copy of the pretrained text tower for the prior's side, so that the text tower
-    # itself may train (model.text.unlocked_layers > 0): one more text forward per step (no
-    # backward), and the copy's weights in the model file. Without it the text tower must be locked.
-    frozen_text: bool = False
-    # how each class name is written before the text tower embeds it (mean of the templates)
-    templates: list[str] = field(
-        default_factory=lambda: ["a photo of a {c}.", "a picture of a {c}.", "a {c}."]
-    )
-
-
-@dataclass
 class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -119,12 +96,10 @@ class ModelConfig:
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     max_logit_scale: float = _range(math.log(100), 0, above=True)
-    label_prior: LabelPriorConfig = field(default_factory=LabelPriorConfig)
     # Start from a saved clip_train model: a model folder (config.json + model.safetensors, e.g. one
     # written by clip-train, clip-export's sources or the OpenCLIP importer), a checkpoint or a run
     # directory. Its architecture and weights replace the ones above; what trains (image.lock,
-    # unlocked_groups, freeze_bn_stats, text.lock, unlocked_layers) still comes from this config,
-    # and so do label_prior.weight and top_k when weight > 0 (0 keeps the saved model's prior).
+    # unlocked_groups, freeze_bn_stats, text.lock, unlocked_layers) still comes from this config.
     init_from: str = ""
     # An OpenCLIP architecture by name, built from scratch at start-up: "openclip:ViT-B-32" (one of
     # ARCHITECTURES below). Like init_from it replaces the towers, embed_dim and image_proj above;
@@ -177,10 +152,6 @@ class DataConfig:
     # train augmentation: RandomResizedCrop scale range (OpenCLIP's default)
     crop_scale_min: float = _range(0.9, 0, 1, above=True)
     crop_scale_max: float = _range(1.0, 0, 1, above=True)
-    # train augmentation: with this probability the crop is turned grayscale with its tones inverted
-    # (a light drawing on dark). Clip art is dark lines on white; photos of light things on black,
-    # such as Fashion-MNIST, then are not out of the training distribution. 0 = off (OpenCLIP).
-    gray_invert_prob: float = _range(0.0, 0, 1)
 
 
 @dataclass
@@ -285,10 +256,6 @@ class TrainConfig:
     # reuse it. Training images then get the eval transform (no random crop), since a cached
     # feature stands for one fixed view. Memory: num_features floats per distinct training sample.
     cache_image_features: bool = False
-    # With cache_image_features: K > 1 keeps the random crop (data.crop_scale_*) as K fixed views per image
-    # (view v of an image is always the same augmentation); each pass draws one view per sample.
-    # Costs up to K tower passes per image and K x the cache memory (see ImageFeatureCache).
-    cache_image_views: int = _range(1, 1)
     # Peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16; 0 = unknown): with it, each
     # train record gets mfu = model FLOP/s per device / peak_flops (see clip_train/flops.py).
     peak_flops: float = _range(0.0, 0)

@@ -45,7 +45,6 @@ def validate(cfg: RunConfig) -> None:
             f"model.image.concat entry {bare[0]} has no weights: write it as {bare[0]}=WEIGHTS "
             "(a file or package:...), or start from a saved model with model.init_from"
         )
-    _check_label_prior(cfg)
     check_arch(cfg.model)
 
 
@@ -68,11 +67,8 @@ def check_arch(model: ModelConfig) -> None:
         raise ConfigError(
             f"model.arch={model.arch} builds its own text tower from scratch: drop model.text.pretrained"
         )
-    if model.label_prior.weight > 0 or model.image.concat:
-        raise ConfigError(
-            f"model.arch={model.arch} builds OpenCLIP's towers alone: drop model.label_prior and "
-            "model.image.concat"
-        )
+    if model.image.concat:
+        raise ConfigError(f"model.arch={model.arch} builds OpenCLIP's towers alone: drop model.image.concat")
 
 
 def _image_fully_locked(cfg: RunConfig) -> bool:
@@ -85,41 +81,6 @@ def _check_feature_cache(cfg: RunConfig) -> None:
     if train.cache_image_features and not _image_fully_locked(cfg):
         raise ConfigError(
             f"train.cache_image_features needs a fully locked image tower: set {FULLY_LOCKED_IMAGE}"
-        )
-    if cfg.data.gray_invert_prob > 0 and train.cache_image_features and train.cache_image_views == 1:
-        raise ConfigError(
-            "data.gray_invert_prob augments training images, but train.cache_image_features trains on "
-            "one fixed eval view: set train.cache_image_views > 1 (views are augmented) or "
-            "data.gray_invert_prob=0"
-        )
-    if train.cache_image_views > 1 and not train.cache_image_features:
-        raise ConfigError(
-            f"train.cache_image_views={train.cache_image_views} needs train.cache_image_features=true "
-            "(or set train.cache_image_views=1)"
-        )
-
-
-def _check_label_prior(cfg: RunConfig) -> None:
-    if cfg.model.label_prior.weight <= 0:
-        return
-    text = cfg.model.text
-    # the prior reads the pretrained features with their own classifier and compares with the
-    # frozen text space: a tower that trains would drift away from both
-    if not _image_fully_locked(cfg):
-        raise ConfigError(
-            f"model.label_prior needs a fully locked image tower: set {FULLY_LOCKED_IMAGE} "
-            "(or model.label_prior.weight=0)"
-        )
-    if not (text.lock and text.unlocked_layers == 0) and not cfg.model.label_prior.frozen_text:
-        raise ConfigError(
-            "model.label_prior needs a locked text tower: set model.text.lock=true and "
-            "model.text.unlocked_layers=0, or keep a frozen copy for the prior with "
-            "model.label_prior.frozen_text=true"
-        )
-    if not cfg.model.image.pretrained and not cfg.model.init_from:
-        raise ConfigError(
-            "model.label_prior needs pretrained image weights with their classifier head: set "
-            "model.image.pretrained (e.g. package:efficientnet-lite0)"
         )
 
 

@@ -156,12 +156,11 @@ class _Prepare:
         augment_seed: tuple | None = None,
         decode_size: int | None = None,
         skip_through: dict[int, int] | None = None,
-        views: tuple[int, int] | None = None,
     ):
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
         self.max_pixels, self.errors, self.with_meta = max_pixels, errors, with_meta
-        self.augment_seed, self.decode_size, self.views = augment_seed, decode_size, views
+        self.augment_seed, self.decode_size = augment_seed, decode_size
         self.skip_through = dict(skip_through or {})  # a copy: the caller's may keep changing
         self.position = 0  # samples this copy (one per loader worker) has prepared
 
@@ -200,13 +199,7 @@ class _Prepare:
             image = to_rgb(image)
         except Exception as e:  # noqa: BLE001
             raise SampleError("undecodable_image", f"{where}: {type(e).__name__}: {e}", url) from None
-        view = None
-        if self.views is not None:
-            run_seed, count = self.views
-            view = _seed("view", *(self.augment_seed or ()), url, key) % count
-            with _seeded_random(_seed("view-augment", run_seed, url, key, view)):
-                pixels = self.transform(image)
-        elif self.augment_seed is None:
+        if self.augment_seed is None:
             pixels = self.transform(image)
         else:
             with _seeded_random(_seed("augment", *self.augment_seed, _worker_id(), self.position)):
@@ -220,8 +213,7 @@ class _Prepare:
         if self.with_meta == "url_key":  # training: keys unique across shard sets, the source, and
             # where in this worker's stream the sample was (what a resume skips through)
             where_in_stream = (_worker_id(), self.position)
-            full_key = f"{url}/{key}" if view is None else f"{url}/{key}#{view}"
-            return pixels, tokens, caption, full_key, sample.get(SOURCE_FIELD, ""), where_in_stream
+            return pixels, tokens, caption, f"{url}/{key}", sample.get(SOURCE_FIELD, ""), where_in_stream
         return pixels, tokens, caption, key
 
 
@@ -408,7 +400,6 @@ def build_train_loader(
     with_keys: bool = False,
     decode_size: int | None = None,
     skip_through: dict[int, int] | None = None,
-    views: tuple[int, int] | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
     (with_keys: `(images, tokens, captions, keys, sources, positions)`, each key prefixed with its
@@ -420,9 +411,6 @@ def build_train_loader(
     `decode_size`: decode JPEGs at reduced scale, never below this many pixels a side (draft mode).
     `skip_through` {worker: n}: drop each worker's first n raw samples undecoded, so a loader built
     with the same arguments continues exactly after the positions an earlier one had reached.
-    `views` (run_seed, K): each sample is augmented as one of K fixed views, drawn per sample from
-    `seed`; view v of a sample is always the same augmentation (seeded by run_seed, its key and v),
-    so a locked tower's output can be cached per view. Its key (with_keys) ends in `#v`.
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -458,7 +446,6 @@ def build_train_loader(
         augment_seed=(seed, rank),
         decode_size=decode_size,
         skip_through=skip_through,
-        views=views,
     )
     stages += [
         wds.map(prepare, handler=errors),

@@ -4,14 +4,12 @@ model = ClipModel(cfg.model)                     # towers from timm / transforme
 img = model.encode_image(images)                 # [B, model.output_dim], L2-normalised
 txt = model.encode_text(tokens)                  # [B, model.output_dim], L2-normalised
 
-output_dim is cfg.embed_dim, plus the text tower's width with model.label_prior (label_prior.py).
 model.save_pretrained("out/model", tokenizer)    # config.json + model.safetensors + tokenizer/
 model = ClipModel.from_pretrained("out/model")   # needs no package, no hub, no original folder
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -23,25 +21,21 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from torch import nn
 
-from clip_train.config import ConfigError, LabelPriorConfig, ModelConfig, build_dataclass, concat_entry
+from clip_train.config import ConfigError, ModelConfig, build_dataclass, concat_entry
 from clip_train.models.dropout import swap_dropout
-from clip_train.models.label_prior import SHIPPED_LABEL_SETS, LabelPrior, read_labels
 from clip_train.models.pretrained import WeightsMismatchError
 from clip_train.models.towers import (
     COMPILED_LENGTH_MULTIPLE,
-    ConcatImageTowers,
     TextTower,
     build_image_tower,
     build_text_tower,
     build_tokenizer,
-    image_classifier_heads,
     image_normalization,
 )
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
-LABELS_NAME = "labels.txt"  # a model.label_prior label file of the user's, copied beside the weights
 
 
 class ClipModel(nn.Module):
@@ -68,71 +62,17 @@ class ClipModel(nn.Module):
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
-        self.label_prior = self._build_label_prior() if cfg.label_prior.weight > 0 else None
-        # the text space the label embeddings live in, kept apart from a text tower that trains
-        self.prior_text = None
-        if self.label_prior is not None and cfg.label_prior.frozen_text:
-            self.prior_text = copy.deepcopy(self.text).eval().requires_grad_(False)
-        # the embeddings' width: the shared space, and with the label prior the text tower's space too
-        self.output_dim = cfg.embed_dim + (self.text.num_features if self.label_prior is not None else 0)
+        self.output_dim = cfg.embed_dim
         if cfg.image.channels_last:
             self.visual.to(memory_format=torch.channels_last)
         swap_dropout(self)  # the same dropout, faster masks on the CPU (models/dropout.py)
-
-    def _build_label_prior(self) -> LabelPrior:
-        prior_cfg = self.cfg.label_prior
-        labels = read_labels(prior_cfg.labels)
-        self.label_names = labels  # written beside a saved model: the file may be gone by then
-        towers = self.visual.towers if isinstance(self.visual, ConcatImageTowers) else [self.visual]
-        widths = [tower.num_features for tower in towers]
-        # Built from weights files (a new run): read the heads and embed the labels now. Otherwise
-        # (a saved model, a from-scratch test tower) the buffers come from load_state_dict.
-        from_files = bool(self.cfg.image.pretrained)
-        heads = image_classifier_heads(self.visual, self.cfg.image) if from_files else None
-        prior = LabelPrior(widths, len(labels), self.text.num_features, prior_cfg.top_k, heads)
-        if from_files:
-            prior.set_label_embeddings(self._embed_labels(labels, prior_cfg.templates))
-        return prior
-
-    @torch.no_grad()
-    def _embed_labels(self, labels: list[str], templates: list[str]) -> torch.Tensor:
-        """[len(labels), text width]: per label, the mean of the text tower's normalised embeddings of
-        its templates (as a zero-shot classifier is built), before any projection."""
-        if not templates or any("{c}" not in t for t in templates):
-            raise ConfigError(
-                f"model.label_prior.templates={templates} must each hold {{c}} for the class name"
-            )
-        tokenizer = build_tokenizer(self.cfg.text)
-        was_training = self.text.training
-        self.text.eval()
-        per_template = []
-        for template in templates:
-            texts = [template.format(c=label) for label in labels]
-            chunks = [self.text(tokenizer(texts[i : i + 256])) for i in range(0, len(texts), 256)]
-            per_template.append(F.normalize(torch.cat(chunks).float(), dim=-1))
-        self.text.train(was_training)
-        return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
-
-    def _with_prior(self, learned: torch.Tensor, prior_side: torch.Tensor, normalize: bool) -> torch.Tensor:
-        """[learned projection | weight x text-space vector] / sqrt(1 + weight^2): both halves unit
-        length, so a dot product is (cos_learned + weight^2 cos_prior) / (1 + weight^2)."""
-        weight = self.cfg.label_prior.weight
-        learned = F.normalize(learned, dim=-1) if normalize else learned
-        prior_side = F.normalize(prior_side, dim=-1).to(learned.dtype)
-        return torch.cat([learned, weight * prior_side], dim=-1) / math.sqrt(1 + weight**2)
-
-    def train(self, mode: bool = True) -> ClipModel:
-        super().train(mode)
-        if self.prior_text is not None:
-            self.prior_text.eval()  # no dropout: the label embeddings were made in eval mode
-        return self
 
     def compile(self, *args, **kwargs) -> None:
         """nn.Module.compile (in place: state dict keys unchanged), with the text towers' padding
         trimmed to multiples of COMPILED_LENGTH_MULTIPLE: to the exact longest caption, each batch
         would be a new shape, recompiled. Uncompiled models keep the exact trim."""
         for module in self.modules():
-            if isinstance(module, TextTower):  # the trained tower and the label prior's frozen copy
+            if isinstance(module, TextTower):
                 module.length_multiple = COMPILED_LENGTH_MULTIPLE
         super().compile(*args, **kwargs)
 
@@ -173,27 +113,14 @@ class ClipModel(nn.Module):
     def image_features_to_embedding(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Project image-tower outputs (e.g. cached ones of a locked tower) into the shared space."""
         projected = self.image_proj(features)
-        if self.label_prior is not None:
-            return self._with_prior(projected, self.label_prior(features), normalize)
         return F.normalize(projected, dim=-1) if normalize else projected
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        prior_side = None
-        if self.prior_text is not None:
-            with torch.no_grad():
-                prior_side = self.prior_text(tokens)
-        return self.text_features_to_embedding(self.text(tokens), normalize, prior_side)
+        return self.text_features_to_embedding(self.text(tokens), normalize)
 
-    def text_features_to_embedding(
-        self, features: torch.Tensor, normalize: bool = True, prior_side: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Project text-tower outputs into the shared space. With the label prior, `prior_side` is
-        the caption in the frozen text space (the frozen copy's output; None = `features`, the text
-        tower being locked)."""
+    def text_features_to_embedding(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Project text-tower outputs into the shared space."""
         projected = self.text_proj(features)
-        if self.label_prior is not None:
-            # the caption in the frozen text space, where the image's label prior lives
-            return self._with_prior(projected, features if prior_side is None else prior_side, normalize)
         return F.normalize(projected, dim=-1) if normalize else projected
 
     def forward(self, images: torch.Tensor | None, tokens: torch.Tensor, image_features=None):
@@ -228,21 +155,13 @@ class ClipModel(nn.Module):
             tokenizer=TOKENIZER_DIR,
             lock=False,
         )
-        label_prior = dataclasses.replace(self.cfg.label_prior)  # a copy: save_pretrained edits it
-        return dataclasses.replace(
-            self.cfg, image=image, text=text, label_prior=label_prior, init_from="", arch=""
-        )
+        return dataclasses.replace(self.cfg, image=image, text=text, init_from="", arch="")
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
         """state_dict: the weights to write instead of this module's own (e.g. gathered from FSDP shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         portable = self.portable_config()
-        labels = portable.label_prior.labels
-        if portable.label_prior.weight > 0 and labels not in SHIPPED_LABEL_SETS:
-            # a label file of the user's travels with the model
-            (folder / LABELS_NAME).write_text("\n".join(self.label_names) + "\n", encoding="utf-8")
-            portable.label_prior.labels = LABELS_NAME
         config = {"format": "clip_train", "model": dataclasses.asdict(portable)}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
         # contiguous(): channels_last weights are not contiguous, and safetensors stores plain layout.
@@ -271,11 +190,18 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     raw = json.loads((folder / CONFIG_NAME).read_text())
     if raw.get("format") != "clip_train":
         raise ConfigError(f"{folder / CONFIG_NAME} is not a clip_train model config")
-    cfg = build_dataclass(ModelConfig, raw["model"], prefix="model.")
+    model = dict(raw["model"])
+    # Models saved before the label prior was removed record it: off, it changes nothing
+    legacy_prior = model.pop("label_prior", None) or {}
+    if legacy_prior.get("weight", 0) > 0:
+        raise ConfigError(
+            f"{folder / CONFIG_NAME} uses model.label_prior, which clip_train no longer has (it measured no "
+            "gain, docs/demo-experiments.md): load it with a clip_train checkout before commit "
+            "'Remove model.label_prior'"
+        )
+    cfg = build_dataclass(ModelConfig, model, prefix="model.")
     if cfg.text.tokenizer == TOKENIZER_DIR:
         cfg.text.tokenizer = str(folder / TOKENIZER_DIR)
-    if cfg.label_prior.labels == LABELS_NAME:
-        cfg.label_prior.labels = str(folder / LABELS_NAME)
     return cfg
 
 
@@ -323,32 +249,9 @@ def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig
         saved,
         image=image,
         text=text,
-        label_prior=_label_prior_from_saved(folder, saved.label_prior, trainable.label_prior),
         max_logit_scale=trainable.max_logit_scale,
         init_from=str(folder),
     )
-
-
-def _label_prior_from_saved(folder, saved: LabelPriorConfig, run: LabelPriorConfig) -> LabelPriorConfig:
-    """The saved model's label prior (its heads, label embeddings and text copy are in its weights);
-    the run may set its weight and top_k, which change no saved tensor. A run's weight of 0 (the
-    default) keeps the saved model's prior."""
-    if saved.weight == 0:
-        if run.weight > 0:
-            raise ConfigError(
-                f"model.init_from={folder} has no label prior to start from: leave "
-                "model.label_prior.weight=0, or train one from pretrained towers without model.init_from"
-            )
-        return saved
-    if run.frozen_text and not saved.frozen_text:
-        raise ConfigError(
-            f"model.init_from={folder} keeps no frozen text copy for its label prior: keep model.text "
-            "locked (model.text.lock=true, model.text.unlocked_layers=0) and "
-            "model.label_prior.frozen_text=false"
-        )
-    if run.weight > 0:
-        return dataclasses.replace(saved, weight=run.weight, top_k=run.top_k)
-    return dataclasses.replace(saved)
 
 
 def load_saved_weights(model: ClipModel, folder: str | Path) -> None:

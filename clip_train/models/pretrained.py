@@ -332,21 +332,3 @@ def load_image_weights(model: nn.Module, path: str | Path, remap: str = "") -> N
             f"weights {path} do not fit timm model {name}: {', '.join(problems)}: check model.image.name"
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-
-
-def read_classifier_head(
-    model: nn.Module, path: str | Path, remap: str = ""
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of the classification head in a weights file, for a timm tower built without
-    one (num_classes=0): the head load_image_weights leaves out. Raises WeightsMismatchError when the
-    file has none."""
-    path = Path(path)
-    state = _read_in_timm_names(model, path, remap)
-    prefix = _classifier_names(model)[0]  # distilled models have two heads: the main one
-    weight, bias = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
-    if weight is None or bias is None or weight.ndim != 2:
-        raise WeightsMismatchError(
-            f"weights {path} hold no classifier head ({prefix}.weight/.bias): model.label_prior needs "
-            "image weights trained for classification"
-        )
-    return weight, bias

@@ -26,16 +26,13 @@ from timm.data import create_transform, resolve_data_config
 from timm.layers import freeze_batch_norm_2d
 from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
-from torchvision.transforms import Compose, Grayscale, RandomApply, RandomInvert
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
 from clip_train.config import ConfigError, ImageTowerConfig, TextTowerConfig, concat_entry
 from clip_train.models.pretrained import (
-    WeightsMismatchError,
     WeightsNotFoundError,
     image_package,
     load_image_weights,
-    read_classifier_head,
     resolve_image_weights,
     resolve_text_folder,
 )
@@ -76,27 +73,6 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
         except (ConfigError, WeightsNotFoundError) as e:  # they name model.image.*: say which tower
             raise ConfigError(f"model.image.concat entry {spec}: {e}") from None
     return ConcatImageTowers([tower, *extras])
-
-
-def image_classifier_heads(
-    tower: nn.Module, cfg: ImageTowerConfig
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The classification heads of the pretrained weights of `tower` (built by build_image_tower from
-    cfg), one per tower in feature order: what model.label_prior reads the features with."""
-    towers = tower.towers if isinstance(tower, ConcatImageTowers) else [tower]
-    sources = [("model.image.pretrained", cfg.pretrained, cfg.weights_remap)]
-    sources += [(f"model.image.concat entry {spec}", concat_entry(spec)[1], "") for spec in cfg.concat]
-    heads = []
-    for module, (where, weights, remap) in zip(towers, sources):
-        if not weights:
-            raise ConfigError(
-                f"model.label_prior needs classifier weights, but {where} names no weights file"
-            )
-        try:
-            heads.append(read_classifier_head(module, resolve_image_weights(weights), remap))
-        except WeightsMismatchError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    return heads
 
 
 def _check_same_normalisation(main: tuple, extra: ImageTowerConfig) -> None:
@@ -220,15 +196,13 @@ def build_image_transforms(
     cfg: ImageTowerConfig,
     crop_scale: tuple[float, float] = (0.9, 1.0),
     *,
-    gray_invert_prob: float = 0.0,
     uint8: bool = False,
 ) -> tuple:
     """(train, eval) transforms from PIL RGB images to normalised float tensors [3, S, S].
 
     train: RandomResizedCrop(scale=crop_scale), as in OpenCLIP: no flip (captions say left and
-    right), no colour jitter (captions name colours); with gray_invert_prob > 0, the crop is made
-    grayscale and tone-inverted that often (data.gray_invert_prob). eval: resize the short side to
-    S, centre crop S, crop_pct=1 as in OpenCLIP, since a caption describes the whole image.
+    right), no colour jitter (captions name colours). eval: resize the short side to S, centre crop
+    S, crop_pct=1 as in OpenCLIP, since a caption describes the whole image.
     Mean/std are those the weights expect: from the packaged-weights table for package: specs,
     otherwise timm's pretrained config for the model name.
 
@@ -246,11 +220,6 @@ def build_image_transforms(
         re_prob=0.0,
         use_prefetcher=uint8,
     )
-    if gray_invert_prob > 0:
-        # after the crop, on the PIL image; torchvision's RandomApply draws from torch's RNG, which
-        # the pipeline seeds per sample like timm's draws from Python's
-        gray_invert = RandomApply([Grayscale(num_output_channels=3), RandomInvert(p=1.0)], p=gray_invert_prob)
-        train = Compose([train.transforms[0], gray_invert, *train.transforms[1:]])
     evaluate = create_transform(**data_cfg, is_training=False, use_prefetcher=uint8)
     return train, evaluate
 
