@@ -19,9 +19,6 @@ sees one text shape in every batch, as it would after its first few batches of r
 from __future__ import annotations
 
 import io
-import json
-import statistics
-import tarfile
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -82,6 +79,8 @@ def _all_records(samples: int, size: int, procs: int):
 
 def build_shards(folder: Path, samples: int, size: int, shard_size: int, procs: int) -> dict:
     """Write the shards into `folder` (which must not exist yet); return what they hold."""
+    from data import shard_summary  # benchmarks/data.py (benchmarks/ is on sys.path)
+
     from clip_train.data.shards import write_shards
 
     stats = write_shards(
@@ -92,19 +91,8 @@ def build_shards(folder: Path, samples: int, size: int, shard_size: int, procs: 
         shard_size=shard_size,
         num_procs=max(1, procs),
     )
-    sides, jpeg_bytes = [], []
-    for name in stats["files"]["train"]:
-        with tarfile.open(folder / name) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg"):
-                    jpeg_bytes.append(member.size)
-                elif member.name.endswith(".json"):
-                    sides.append(max(json.loads(tar.extractfile(member).read())["size"]))
     return {
+        **shard_summary(folder, stats),
         "pattern": f"{folder}/{stats['patterns']['train']}",
-        "shards": stats["shards"]["train"],
-        "samples": len(sides),
-        "stored_long_side": statistics.median_low(sides),
-        "jpeg_kib_median": statistics.median(jpeg_bytes) / 1024,
         "caption_words": [MIN_WORDS, MAX_WORDS],
     }

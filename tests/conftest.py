@@ -28,12 +28,10 @@ def draw(shape: str, colour: str, size: int = 48, seed: int = 0) -> Image.Image:
     return img
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> dict[str, Path]:
-    """train/val shards of 'a <colour> <shape>' pairs and an ImageFolder of shapes for zero-shot."""
-    root = tmp_path_factory.mktemp("tiny_data")
+def write_tiny_shards(root: Path) -> Path:
+    """root/shards: 72 'a <colour> <shape>' pairs (6 of each), 20% held out, 16 per shard."""
     pairs = root / "pairs"
-    pairs.mkdir()
+    pairs.mkdir(parents=True)
     i = 0
     for _repeat in range(6):
         for colour in COLOURS:
@@ -41,8 +39,15 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
                 draw(shape, colour, seed=i).save(pairs / f"{i:04d}.png")
                 (pairs / f"{i:04d}.txt").write_text(f"a {colour} {shape}")
                 i += 1
-    shards = root / "shards"
-    write_folder(pairs, shards, max_size=48, val_frac=0.2, shard_size=16, num_procs=1)
+    write_folder(pairs, root / "shards", max_size=48, val_frac=0.2, shard_size=16, num_procs=1)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """train/val shards of 'a <colour> <shape>' pairs and an ImageFolder of shapes for zero-shot."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    shards = write_tiny_shards(root)
     classes = root / "shapes"
     for shape in SHAPES:
         (classes / shape).mkdir(parents=True)

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import COLOURS, SHAPES, draw  # noqa: E402
+from conftest import write_tiny_shards  # noqa: E402
 
 RUNS = {
     "plain": [],
@@ -48,19 +48,7 @@ RUNS = {
 
 
 def build_shards(root: Path) -> Path:
-    from clip_train.data.shards import write_folder
-
-    pairs = root / "pairs"
-    pairs.mkdir(parents=True)
-    i = 0
-    for _repeat in range(6):
-        for colour in COLOURS:
-            for shape in SHAPES:
-                draw(shape, colour, seed=i).save(pairs / f"{i:04d}.png")
-                (pairs / f"{i:04d}.txt").write_text(f"a {colour} {shape}")
-                i += 1
-    write_folder(pairs, root / "shards", max_size=48, val_frac=0.2, shard_size=16, num_procs=1)
-    return root / "shards"
+    return write_tiny_shards(root)  # the test suite's tiny shards (tests/conftest.py)
 
 
 def _free_port() -> int:
