@@ -1,8 +1,11 @@
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from clip_train.config import ConfigError, RunConfig, load_config, save_config
 
@@ -163,3 +166,27 @@ def test_a_run_dir_that_is_a_file_or_below_one_is_refused(tmp_path):
         check_run_dir(afile / "sub" / "run")
     check_run_dir(tmp_path / "new" / "run")  # not there yet: made later
     assert not (tmp_path / "new").exists()
+
+
+def test_a_saved_run_config_with_removed_features_off_still_loads_and_on_is_refused(tmp_path):
+    # run directories saved before model.label_prior, data.gray_invert_prob and
+    # train.cache_image_views were removed record them, at their "off" values unless used
+    base = {"run_dir": str(tmp_path / "run"), "data": {"train_shards": "x.tar"}}
+    saved = tmp_path / "config.yaml"
+    off = {
+        "model": {"label_prior": {"weight": 0.0, "top_k": 10}},
+        "data": {"train_shards": "x.tar", "gray_invert_prob": 0.0},
+        "train": {"cache_image_views": 1},
+    }
+    saved.write_text(yaml.safe_dump({**base, **off}))
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config([tiny, saved])
+    assert cfg.data.train_shards == "x.tar"
+    refused = {
+        "model.label_prior.weight=0.5": "model.label_prior=",
+        "data.gray_invert_prob=0.3": "data.gray_invert_prob=0.3",
+        "train.cache_image_views=4": "train.cache_image_views=4",
+    }
+    for override, named in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(named) + ".*no longer has this feature"):
+            load_config([tiny, saved], [override])

@@ -45,6 +45,8 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-4")
         _deep_merge(merged, _nest(key.strip().split("."), _parse_scalar(raw)))
+    if schema is RunConfig:
+        _drop_removed_keys(merged)
     cfg = build_dataclass(schema, merged, prefix="")
     # Required values are checked after the whole tree, so that a typo is reported as a typo
     # rather than as the required value it failed to set.
@@ -53,6 +55,29 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), schema:
         fill_loss_defaults(cfg)
         validate(cfg)
     return cfg
+
+
+# Keys of features removed for measuring no gain (2026-12-04), with the value that meant "off".
+# Run directories saved before then record them: at "off" they are dropped, so those runs still
+# evaluate, export and resume; anything else is refused, since the run depended on the feature.
+REMOVED_KEYS = {
+    ("model", "label_prior"): lambda value: not (value or {}).get("weight", 0),
+    ("data", "gray_invert_prob"): lambda value: value == 0,
+    ("train", "cache_image_views"): lambda value: value == 1,
+}
+
+
+def _drop_removed_keys(merged: dict) -> None:
+    for (section, key), is_off in REMOVED_KEYS.items():
+        part = merged.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part.pop(key)
+        if not is_off(value):
+            raise ConfigError(
+                f"{section}.{key}={value!r}: clip_train no longer has this feature (removed for measuring "
+                "no gain): delete the key, or use a clip_train from before 2026-12-04 for this run"
+            )
 
 
 def fill_loss_defaults(cfg: RunConfig) -> None:
