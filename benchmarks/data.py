@@ -107,7 +107,7 @@ def large_openclipart(min_side: int, limit: int | None):
     """OpenClipart records (the demo source, captions included) whose PNG is >= min_side on its
     longer side, read from the PNG header only; the writer later skips what it cannot use."""
     from clip_train.data.shards import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image
-    from clip_train.data.sources import openclipart_records
+    from clip_train.demo.sources import openclipart_records
 
     taken = 0
     for record in openclipart_records():
@@ -200,12 +200,9 @@ def shard_summary(folder: Path, stats: dict) -> dict:
 def clip_train_preprocessing(model: str, kind: str):
     """(transform, tokenizer, settings) exactly as training builds them for this model config."""
     from clip_train.config import load_config
-    from clip_train.models.towers import (
-        build_image_tower,
-        build_image_transforms,
-        build_tokenizer,
-        image_normalization,
-    )
+    from clip_train.models.image_tower import build_image_tower
+    from clip_train.models.tokenizer import build_tokenizer
+    from clip_train.models.transforms import build_image_transforms, image_normalization
 
     # run_dir and train_shards are required by the run schema but unused here
     unused = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]

@@ -90,7 +90,8 @@ from clip_train.evaluate.datasets import DatasetError, load_dataset
 from clip_train.evaluate.prompts import load_templates
 from clip_train.models.arch import arch_model_config
 from clip_train.models.clip import ClipModel
-from clip_train.models.towers import build_image_transforms, build_tokenizer
+from clip_train.models.tokenizer import build_tokenizer
+from clip_train.models.transforms import build_image_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,13 +212,11 @@ class TimedTransform:
 def fresh_classifier_cache(clock: Clock) -> TimedClassifierCache:
     """Replace the evaluator's classifier cache with an empty one and return it.
 
-    The runner imports the cache object by name, so both module attributes are swapped; the caller
-    checks on the returned object that the warm evaluation was served from it.
+    The zero-shot classifier looks the cache up on the encode module; the caller checks on the
+    returned object that the warm evaluation was served from it.
     """
     cache = TimedClassifierCache(clock)
     encode.CLASSIFIER_CACHE = cache
-    if hasattr(runner, "CLASSIFIER_CACHE"):
-        runner.CLASSIFIER_CACHE = cache
     return cache
 
 

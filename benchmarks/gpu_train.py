@@ -6,9 +6,8 @@
 For each batch size, two measurements of one run configuration (the same YAML a clip-train run
 would read: model, bf16, AdamW, cosine schedule, gradient clipping at 1.0, train.compile):
 
-- model_only: the model, loss, optimizer and schedule built by the functions clip_train.train.main
-  builds them with (arch_model_config / the init_from folder, ClipModel, ContrastiveLoss,
-  build_optimizer, build_scheduler, Accelerator.prepare), then its step as train.main runs it
+- model_only: the accelerator, model, loss, optimizer and schedule built by the trainer's own
+  builders (clip_train/train/build.py), prepared by Accelerate, then its step as the trainer runs it
   (autocast, loss, backward, gradient clipping, the two finiteness checks that synchronise,
   optimizer and schedule step, logit-scale clamp) on one batch that is already on the device:
   uint8 images (random pixels, normalised in the step, as the loader's are) and the tokens of
@@ -19,7 +18,7 @@ would read: model, bf16, AdamW, cosine schedule, gradient clipping at 1.0, train
   samples/s over the log windows after --skip steps, from its own metrics.jsonl.
 
 MFU = FLOPs per pair (clip_train.flops.count_training_flops, counted once on the model before it is
-moved or compiled, as train.main counts it) x samples/s / --peak-flops. Each measurement starts
+moved or compiled, as the trainer counts it) x samples/s / --peak-flops. Each measurement starts
 from torch._dynamo.reset(): otherwise the second batch size would be compiled as a dynamic shape
 (automatic dynamic shapes), which a real run, with one batch size, never is; inductor's on-disk
 caches survive the reset, so a second compile of the same graph (model_only, then pipeline) loads
@@ -82,48 +81,26 @@ def load_run_config(opts, batch: int, compile_: bool, run_dir: Path):
     return load_config([path])
 
 
-def built_model(cfg):
-    """(cfg with the model resolved, ClipModel, FLOPs per pair): as train.main builds them."""
-    from accelerate.utils import set_seed
-
-    from clip_train.flops import count_training_flops
-    from clip_train.models.arch import arch_model_config
-    from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
-
-    folder = None
-    if cfg.model.arch:
-        cfg.model = arch_model_config(cfg.model)
-    if cfg.model.init_from:
-        folder = find_model_folder(cfg.model.init_from)
-        cfg.model = config_from_saved(folder, cfg.model)
-    set_seed(cfg.train.seed)
-    model = ClipModel(cfg.model)
-    flops = count_training_flops(model).per_sample
-    if folder is not None:
-        load_saved_weights(model, folder)
-    if cfg.train.compile:
-        model.compile(backend=cfg.train.compile_backend)
-    return cfg, model, flops
-
-
 def model_only(cfg, batch: int, steps: int, warmup: int) -> dict:
     import torch
-    from accelerate import Accelerator
     from gpu_shards import captions  # benchmarks/ is on sys.path
 
-    from clip_train.loss.contrastive import ContrastiveLoss
-    from clip_train.models.towers import batch_normalizer, build_tokenizer
-    from clip_train.optim import build_optimizer, build_scheduler
-    from clip_train.train import ACCELERATE_PRECISION
+    from clip_train.models.tokenizer import build_tokenizer
+    from clip_train.models.transforms import batch_normalizer
+    from clip_train.train.build import (
+        build_accelerator,
+        build_model,
+        build_optimization,
+        resolve_model_config,
+    )
 
     build_start = time.perf_counter()
-    cfg, model, flops = built_model(cfg)
-    accelerator = Accelerator(
-        mixed_precision=ACCELERATE_PRECISION[cfg.train.precision], cpu=not torch.cuda.is_available()
-    )
-    loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, warmup + steps, cfg.optim)
+    accelerator = build_accelerator(cfg)
+    # the trainer's builders; the schedule spans the timed steps and the warm-up
+    cfg.train.steps = warmup + steps
+    model, flop_metrics = build_model(cfg, resolve_model_config(cfg), world_size=1)
+    flops = flop_metrics.flops_per_sample
+    loss_fn, optimizer, scheduler = build_optimization(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     normalize = batch_normalizer(unwrapped.visual, cfg.model.image, reuse=1)
@@ -137,7 +114,7 @@ def model_only(cfg, batch: int, steps: int, warmup: int) -> dict:
             loss = loss_fn(*model(normalize(images), tokens))
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        # train.main's two host reads of the step (they synchronise with the device)
+        # the trainer's two host reads of the step (they synchronise with the device)
         bool(torch.isfinite(grad_norm).item()) and bool(torch.isfinite(loss).item())
         optimizer.step()
         scheduler.step()

@@ -80,7 +80,7 @@ AdamW only), 1.19x (+ uint8 loader). Where clip_train saves, on the same batches
 - AdamW is torch's fused kernel in clip_train (0.015 s) and its per-parameter loop in OpenCLIP
   (0.064 s);
 - the image tower, loss and clipping are the same kernels; clip_train's image phase includes the
-  batch normalisation its workers no longer do (models/towers.py: BatchNormalize), and the
+  batch normalisation its workers no longer do (models/transforms.py: BatchNormalize), and the
   ViT's patch convolution runs in the plain layout (NHWC made it slower on this CPU).
 In the runs the loader workers take 29 CPU s (clip_train: uint8 images, normalised in the step)
 against 44 (OpenCLIP: float images), on the same two cores as the model.
@@ -297,8 +297,10 @@ def build_model_folders(arch: dict, work: Path) -> dict:
 
     from clip_train.config import ImageTowerConfig, TextTowerConfig
     from clip_train.models.clip import ClipModel
+    from clip_train.models.image_tower import build_image_tower
     from clip_train.models.openclip_import import build_openclip_model, import_openclip_report
-    from clip_train.models.towers import build_image_tower, build_tokenizer, image_normalization
+    from clip_train.models.tokenizer import build_tokenizer
+    from clip_train.models.transforms import image_normalization
 
     register_timm_models()
     text_cfg = TextTowerConfig(tokenizer=arch["tokenizer"], context_length=arch["context_length"])
@@ -533,24 +535,24 @@ def child_profile(opts) -> dict:
 
     from clip_train.config import load_config
     from clip_train.data.pipeline import build_train_loader
-    from clip_train.loss.contrastive import ContrastiveLoss
-    from clip_train.models.clip import ClipModel, config_from_saved, find_model_folder, load_saved_weights
-    from clip_train.models.towers import batch_normalizer, build_image_transforms, build_tokenizer
-    from clip_train.optim import build_optimizer
+    from clip_train.models.tokenizer import build_tokenizer
+    from clip_train.models.transforms import batch_normalizer
+    from clip_train.train.build import (
+        build_model,
+        build_optimization,
+        resolve_model_config,
+        training_transforms,
+    )
 
     register_timm_models()
     import open_clip
 
     cfg = load_config([opts.config])
-    folder = find_model_folder(cfg.model.init_from)
-    cfg.model = config_from_saved(folder, cfg.model)
-    ours = ClipModel(cfg.model)  # as train.py builds it
-    load_saved_weights(ours, folder)
+    ours, _ = build_model(cfg, resolve_model_config(cfg), world_size=1)  # the trainer's own builders
     theirs = open_clip.create_model(f"local-dir:{opts.openclip_dir}", precision="fp32", device="cpu")
     tokenizer = build_tokenizer(cfg.model.text)
-    # as train.py: the workers stop at uint8, clip_train normalises the batch in its step
-    crop_scale = (cfg.data.crop_scale_min, cfg.data.crop_scale_max)
-    transform, _ = build_image_transforms(ours.visual, cfg.model.image, crop_scale=crop_scale, uint8=True)
+    # as the trainer: the workers stop at uint8, clip_train normalises the batch in its step
+    transform, _, _ = training_transforms(ours, cfg)
     normalize = batch_normalizer(ours.visual, cfg.model.image, reuse=1)
     loader = build_train_loader(
         cfg.data.train_shards, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=0,
@@ -561,9 +563,8 @@ def child_profile(opts) -> dict:
     del it, loader  # stop the workers: the phases below have the cores to themselves
     real_lengths = [int(tokens.ne(tokenizer.pad_token_id).sum(1).max()) for _, tokens in batches]
 
-    clip_loss = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.block_size)
+    clip_loss, ours_opt, _ = build_optimization(ours, cfg)
     oc_loss = open_clip.ClipLoss()
-    ours_opt = build_optimizer(ours, cfg.optim)
 
     # open_clip_train/main.py's grouping: weight decay except on 1-d tensors and on parameters whose
     # name contains one of these substrings
@@ -592,7 +593,7 @@ def child_profile(opts) -> dict:
         loss.backward()
         t4 = time.perf_counter()
         norm = torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.optim.grad_clip)
-        bool(torch.isfinite(norm)) and bool(torch.isfinite(loss))  # train.py's two syncs
+        bool(torch.isfinite(norm)) and bool(torch.isfinite(loss))  # the trainer's two syncs
         t5 = time.perf_counter()
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)

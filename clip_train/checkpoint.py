@@ -16,33 +16,22 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"^step-(\d{9})$")
+from clip_train.atomic import publish_folder, replace_text, write_synced
+
+# the layout's reading side (which folders are complete, the newest one) is paths.py's, for the loaders
+from clip_train.paths import COMPLETE, checkpoint_root, complete_checkpoints, find_latest
 
 
 class ResumeError(ValueError):
     """A checkpoint that cannot be resumed from, with the reason and the fix."""
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save(
@@ -76,13 +65,9 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(_write_failure_message(tmp, root, failure))
     if accelerator.is_main_process:
-        replaced = root / f".old-{final.name}"
-        if final.exists():  # the same step saved again (e.g. after resuming from an older one):
-            os.replace(final, replaced)  # keep it until the new one is in place
-        os.replace(tmp, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-        _fsync_write(root / "latest.tmp", final.name)
-        os.replace(root / "latest.tmp", root / "latest")
+        # the same step saved again (e.g. after resuming from an older one) replaces the old folder
+        publish_folder(tmp, final, replace=True)
+        replace_text(root / "latest", final.name)
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
@@ -95,8 +80,8 @@ class CheckpointWriteError(OSError):
 def _finish(tmp: Path, step: int, meta: dict[str, Any], export_model) -> None:
     if export_model is not None:
         export_model(tmp / "model")
-    _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
-    _fsync_write(tmp / COMPLETE, "")
+    write_synced(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
+    write_synced(tmp / COMPLETE, "")
 
 
 def _attempt(write) -> BaseException | None:
@@ -141,30 +126,11 @@ def _write_failure_message(tmp: Path, root: Path, failure: BaseException | None)
     )
 
 
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint folders under root, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
 def prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None.
-
-    The `latest` pointer is a convenience; the folder scan decides, so a pointer left stale by a
-    kill between rename and pointer update cannot send a resume to an older or missing folder.
-    """
-    found = complete_checkpoints(checkpoint_root(run_dir))
-    return found[-1] if found else None
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Console entry points: clip-train, clip-eval, clip-data, clip-export (also `python -m clip_train
-train|eval|data|export`).
+train|eval|data|export`, and `python -m clip_train finetune`).
 
 Errors a user can cause (config typos, missing files, incompatible resumes) end in one line on
 stderr, `<prog>: error: <what> : <fix>`, and exit code 2, without a traceback.
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from clip_train import preemption
 from clip_train.config import ConfigError, EvalConfig, RetrievalTask, ZeroShotTask, load_config
+from clip_train.errors import fail
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -37,15 +37,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def _fail(prog: str, error: Exception) -> int:
-    # An error raised in a DataLoader worker comes back with the worker's traceback in its message;
-    # its last line is the message itself, after the error's class path ("package.module.Error: ").
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    message = re.sub(r"^(\w+\.)+\w*(Error|Exception): ", "", lines[-1]) if lines else type(error).__name__
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
 TRAIN_USAGE = """usage: clip-train CONFIG.yaml [CONFIG.yaml ...] [key.sub=value ...]
 
 Train a CLIP model. YAML files merge in order, then the key=value overrides, e.g.
@@ -53,7 +44,8 @@ Train a CLIP model. YAML files merge in order, then the key=value overrides, e.g
 """
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def train_main(argv: list[str] | None = None, hooks=None) -> int:
+    """clip-train; hooks: a clip_train.train.TrainHooks acting at each step (tests/fault_run.py)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(TRAIN_USAGE)
@@ -64,16 +56,16 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(paths, overrides)
     except ConfigError as e:
-        return _fail("clip-train", e)
+        return fail("clip-train", e)
     from clip_train import train
 
     try:
-        metrics = train.main(cfg)
+        metrics = train.main(cfg, hooks)
     except preemption.Preempted as e:
         print(f"clip-train: {e}", file=sys.stderr)
         return preemption.EXIT_CODE
     except _user_errors() as e:
-        return _fail("clip-train", e)
+        return fail("clip-train", e)
     if metrics:
         print(f"\nresults ({cfg.run_dir}):\n{train.format_results(metrics)}")
     return 0
@@ -130,7 +122,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         return _evaluate(args)
     except (*_user_errors(),) as e:
-        return _fail("clip-eval", e)
+        return fail("clip-eval", e)
 
 
 def _eval_config(args, run_cfg) -> tuple[EvalConfig, str]:
@@ -171,19 +163,16 @@ def _evaluate(args) -> int:
     from accelerate import Accelerator
 
     from clip_train.evaluate.runner import run_evaluation
-    from clip_train.models.clip import ClipModel, load_tokenizer
-    from clip_train.models.towers import build_image_transforms
+    from clip_train.inference import load
+    from clip_train.paths import resolve_model_folder
     from clip_train.train import format_results
 
-    model_dir, run_cfg = resolve_model_dir(Path(args.target))
+    model_dir, run_cfg = resolve_model_folder(args.target), _run_config_of(Path(args.target))
     eval_cfg, val_shards = _eval_config(args, run_cfg)
     precision = args.precision or (run_cfg.train.precision if run_cfg else "fp32")
     # Under torchrun the Accelerator joins the process group: each process encodes its share.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = ClipModel.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    _, eval_transform = build_image_transforms(model.visual, model.cfg.image)
-    model.to(accelerator.device)
+    model, eval_transform, tokenizer = load(model_dir, accelerator.device)
     out = Path(args.out) if args.out else model_dir.parent / "eval" / "clip-eval"
     metrics = run_evaluation(
         model, tokenizer, eval_transform, eval_cfg, val_shards, accelerator.device, precision, out_dir=out,
@@ -196,30 +185,12 @@ def _evaluate(args) -> int:
     return 0
 
 
-def resolve_model_dir(target: Path):
-    """A model folder and, when known, the run config: from a model folder, checkpoint or run dir."""
-    from clip_train.checkpoint import find_latest
+def _run_config_of(target: Path):
+    """The run config of a run directory or checkpoint (None for a model folder)."""
+    from clip_train.paths import RUN_CONFIG_NAME, run_dir_of
 
-    if not target.exists():
-        raise FileNotFoundError(
-            f"{target} does not exist: pass a model folder, a checkpoint or a run directory"
-        )
-    run_cfg = None
-    run_dir = None
-    if (target / "config.yaml").is_file():  # a run directory
-        run_dir = target
-        model_dir = target / "model"
-        if not (model_dir / "config.json").is_file():
-            latest = find_latest(target)
-            model_dir = latest / "model" if latest else model_dir
-    elif (target / "model" / "config.json").is_file():  # a checkpoint folder
-        model_dir = target / "model"
-        run_dir = target.parent.parent
-    else:
-        model_dir = target
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        run_cfg = load_config([run_dir / "config.yaml"])
-    return model_dir, run_cfg
+    run_dir = run_dir_of(target)
+    return load_config([run_dir / RUN_CONFIG_NAME]) if run_dir is not None else None
 
 
 EXPORT_EPILOG = """examples:
@@ -247,11 +218,12 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from clip_train.export import export_model
+        from clip_train.paths import resolve_model_folder
 
-        model_dir, _ = resolve_model_dir(Path(args.source))
+        model_dir = resolve_model_folder(args.source)
         result = export_model(model_dir, args.to, Path(args.out))
     except _user_errors() as e:  # the export's refusals are ConfigErrors
-        return _fail("clip-export", e)
+        return fail("clip-export", e)
     diffs = ", ".join(f"{kind} {diff:.1e}" for kind, diff in result.max_diff.items())
     print(f"exported {model_dir} to {result.folder} ({args.to}); max embedding difference: {diffs}")
     for note in result.notes:
@@ -260,7 +232,22 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str] | None = None) -> int:
+    # clip-data knows folders and manifests; the demo's sub-command comes from above it
     from clip_train.data.build import main
+    from clip_train.demo.build import add_demo_command
+
+    return main(argv, commands=[add_demo_command])
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    """`python -m clip_train finetune RUN`: a run's WiSE-FT before/after table (finetune.py);
+    `... finetune demo-manifest --categories C --out CSV`: the demo's domain (demo/domain.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo-manifest"]:
+        from clip_train.demo.domain import main as demo_manifest
+
+        return demo_manifest(argv[1:])
+    from clip_train.finetune import main
 
     return main(argv)
 
@@ -277,6 +264,7 @@ COMMANDS = {
     "train": train_main,
     "eval": eval_main,
     "data": data_main,
+    "finetune": finetune_main,
     "export": export_main,
     "import": import_main,
 }

@@ -66,3 +66,17 @@ def gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
     gathered = all_gather_no_grad(padded).view(world, per_rank, *local.shape[1:])
     # [rank, position] -> item position * W + rank
     return gathered.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:total]
+
+
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """values summed over all ranks: one all-reduce, which every rank must call at the same point."""
+    if not is_initialized():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag true on every rank when it is true on at least one."""
+    return [v > 0 for v in sum_over_ranks([float(f) for f in flags], device)]

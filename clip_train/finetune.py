@@ -1,10 +1,11 @@
-"""Fine-tuning helpers: WiSE-FT weight-space interpolation, the before/after table, the demo domain.
+"""Fine-tuning helpers: WiSE-FT weight-space interpolation, the before/after table.
 
     rows = wise_ft_sweep(model, start_state, [0, 0.25, 0.5, 0.75, 1], evaluate)
     print(format_wise_table(rows, "domain/acc1", "fashion-mnist/acc1"))
 
-    python -m clip_train.finetune runs/finetune-domain          # the before/after table of a run
-    python -m clip_train.finetune demo-manifest --categories animals,food --out domain.csv
+    python -m clip_train finetune runs/finetune-domain          # the before/after table of a run
+
+(The demo's domain, `python -m clip_train finetune demo-manifest`, is clip_train/demo/domain.py.)
 
 Fine-tuning on a narrow domain raises accuracy there and erodes the zero-shot ability the starting
 model had elsewhere. Averaging the two models' weights, (1 - alpha) * start + alpha * fine-tuned,
@@ -17,7 +18,6 @@ fine-tuned one.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Callable
@@ -25,11 +25,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from clip_train.data import DataError
-from clip_train.data.sources import tuxpaint_records
-from clip_train.evaluate.datasets import tuxpaint_category
-from clip_train.evaluate.prompts import CLASSNAMES_DIR, load_class_map
 
 
 def interpolate_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict:
@@ -140,55 +135,13 @@ def format_before_after(wise: dict) -> str:
     return "\n".join(lines)
 
 
-def write_demo_manifest(out: str | Path, categories: list[str]) -> int:
-    """The demo domain as a user's CSV would be: Tux Paint stamps of the given top-level categories
-    ("all": every one) with image path, caption and class name (for zero-shot). Returns the count."""
-    names = load_class_map(CLASSNAMES_DIR / "tuxpaint.tsv")
-    stamps = [(r, tuxpaint_category(r.meta["category"])) for r in tuxpaint_records() if r.caption]
-    known = sorted({category.split("/")[0] for _, category in stamps})
-    unknown = [c for c in categories if c != "all" and c not in known]
-    if unknown or not categories:
-        raise DataError(
-            f"demo-manifest: no Tux Paint category {', '.join(unknown) or '(none given)'}: "
-            f"pass --categories with some of {', '.join(known)}, or all"
-        )
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    count = 0
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption", "category"])
-        for record, category in stamps:
-            if "all" not in categories and category.split("/")[0] not in categories:
-                continue
-            writer.writerow([record.image, record.caption, names.get(category, category.split("/")[-1])])
-            count += 1
-    tmp.rename(out)
-    return count
-
-
 def main(argv: list[str] | None = None) -> int:
+    """`python -m clip_train finetune RUN`: the before/after table of a run's WiSE-FT sweep."""
     parser = argparse.ArgumentParser(
-        prog="python -m clip_train.finetune", description=__doc__.splitlines()[0]
+        prog="python -m clip_train finetune", description="Print the before/after table of a fine-tuning run."
     )
-    parser.add_argument("target", help="a run directory (prints its before/after table) or demo-manifest")
-    parser.add_argument(
-        "--categories", default="all", help="demo-manifest: Tux Paint top folders (animals,food,...) or all"
-    )
-    parser.add_argument("--out", type=Path, help="demo-manifest: the CSV to write")
+    parser.add_argument("target", help="a run directory (or `demo-manifest --help`: the demo's domain CSV)")
     args = parser.parse_args(argv)
-    if args.target == "demo-manifest":
-        if args.out is None:
-            parser.error("demo-manifest needs --out")
-        try:
-            count = write_demo_manifest(
-                args.out, [c.strip() for c in args.categories.split(",") if c.strip()]
-            )
-        except DataError as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr)
-            return 2
-        print(f"{count} Tux Paint stamps of {args.categories} written to {args.out}")
-        return 0
     results = Path(args.target) / "results.json"
     wise = json.loads(results.read_text()).get("wise") if results.is_file() else None
     if not wise:
@@ -198,7 +151,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"before (alpha 0) and after (alpha 1) fine-tuning, {args.target}:\n{format_before_after(wise)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

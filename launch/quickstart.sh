@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled
 bash launch/install.sh demo
 
 SHARDS=$CACHE/demo_shards
-EMOJI_TGZ=$(ls -v "$CACHE"/lobehub-fluent-emoji-3d-*.tgz | tail -n 1)
+EMOJI_TGZ=$CACHE/lobehub-fluent-emoji-3d-1.1.0.tgz  # the version launch/install.sh pins
 clip-data demo --out "$SHARDS" --emoji-package "$EMOJI_TGZ"
 
 clip-train configs/demo.yaml run_dir="$RUN_DIR" \

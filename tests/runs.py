@@ -12,10 +12,20 @@ from clip_train.tracking import read_metrics
 REPO = str(Path(__file__).resolve().parents[1])
 
 
-def train_command(run_dir, tiny_data, *extra) -> list[str]:
+FAULT_RUN = str(Path(REPO) / "tests" / "fault_run.py")
+
+
+def entry(faults=()) -> list[str]:
+    """What follows python (or a launcher) to run clip-train: the package itself, or
+    tests/fault_run.py with faults such as ("--kill-at-step", "6") installed as trainer hooks."""
+    return [FAULT_RUN, *faults] if faults else ["-m", "clip_train", "train"]
+
+
+def train_args(run_dir, tiny_data, *extra) -> list[str]:
+    """clip-train's arguments for a run on the tiny data."""
     shards = tiny_data["shards"]
     return [
-        sys.executable, "-m", "clip_train", "train", "configs/tiny.yaml",
+        "configs/tiny.yaml",
         f"run_dir={run_dir}",
         f"data.train_shards={shards}/train-*.tar",
         f"data.val_shards={shards}/val-000000.tar",
@@ -24,9 +34,13 @@ def train_command(run_dir, tiny_data, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def run_train(run_dir, tiny_data, *extra, env=None) -> subprocess.CompletedProcess:
+def train_command(run_dir, tiny_data, *extra, faults=()) -> list[str]:
+    return [sys.executable, *entry(faults), *train_args(run_dir, tiny_data, *extra)]
+
+
+def run_train(run_dir, tiny_data, *extra, env=None, faults=()) -> subprocess.CompletedProcess:
     return subprocess.run(
-        train_command(run_dir, tiny_data, *extra),
+        train_command(run_dir, tiny_data, *extra, faults=faults),
         capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=REPO,
     )  # fmt: skip
 

@@ -175,7 +175,7 @@ def test_two_processes_with_accumulation_equal_one_process_on_the_global_batch()
 def test_batchnorm_that_trains_is_listed_and_frozen_batchnorm_is_not():
     from clip_train.accumulation import batch_statistics_layers
     from clip_train.config import ImageTowerConfig
-    from clip_train.models.towers import build_image_tower
+    from clip_train.models.image_tower import build_image_tower
 
     training = build_image_tower(ImageTowerConfig(name="test_efficientnet"))
     locked = build_image_tower(ImageTowerConfig(name="test_efficientnet", lock=True, freeze_bn_stats=True))

@@ -5,7 +5,8 @@ import torch
 
 from clip_train.config import ConfigError, ImageTowerConfig, load_config
 from clip_train.models.clip import ClipModel, load_tokenizer
-from clip_train.models.towers import build_image_tower, build_tokenizer
+from clip_train.models.image_tower import build_image_tower
+from clip_train.models.tokenizer import build_tokenizer
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 

@@ -21,7 +21,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from runs import REPO, losses, run_train, train_command
+from runs import REPO, entry, losses, run_train, train_args
 from safetensors.torch import load_file
 from test_accumulation import TwoTowers, _batch, _grads, _micro_batches
 from test_device_paths import CONTEXT, _tokens
@@ -34,9 +34,8 @@ from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models import dropout
 from clip_train.models.clip import ClipModel
 from clip_train.models.dropout import MaskDropout
-from clip_train.models.towers import batch_normalizer, build_image_transforms
+from clip_train.models.transforms import batch_normalizer, build_image_transforms
 from clip_train.tracking import read_metrics
-from clip_train.train import KILL_AT_STEP_ENV
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -53,14 +52,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def fsdp_train(run_dir, tiny_data, *extra, env=None) -> subprocess.CompletedProcess:
+def fsdp_train(run_dir, tiny_data, *extra, env=None, faults=()) -> subprocess.CompletedProcess:
     """clip-train on the tiny data under launch/accelerate/fsdp.yaml (FSDP2), on one GPU."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", "launch/accelerate/fsdp.yaml", "--num_processes", "1",
-        "--main_process_port", str(_free_port()), "-m", "clip_train",
+        "--main_process_port", str(_free_port()), *entry(faults),
     ]  # fmt: skip
-    cmd = launch + train_command(run_dir, tiny_data, *extra)[3:]  # [3:]: "train", the config, ...
+    cmd = launch + train_args(run_dir, tiny_data, *extra)
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=REPO
     )
@@ -72,7 +71,7 @@ def _resumes_exactly(train, tmp_path, tiny_data, *extra) -> dict[int, float]:
     for name in ("straight", "again"):
         proc = train(tmp_path / name, tiny_data, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    killed = train(tmp_path / "resumed", tiny_data, *extra, env={KILL_AT_STEP_ENV: "6"})
+    killed = train(tmp_path / "resumed", tiny_data, *extra, faults=("--kill-at-step", "6"))
     assert killed.returncode != 0  # SIGKILL (-9 bare; a launcher reports its own failure code)
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-000000004"
     resumed = train(tmp_path / "resumed", tiny_data, *extra)
@@ -159,7 +158,7 @@ def test_an_inductor_compiled_run_trains_like_eager_and_saves_a_plain_model(tmp_
     assert apart <= 3 * rounding + 1e-3, (apart, rounding)
     # dynamo logs each recompilation with the function's file; the text tower's must not be among them
     recompiled = [line for line in procs["compiled"].stderr.splitlines() if "Recompiling function" in line]
-    assert not [line for line in recompiled if "towers.py" in line], recompiled
+    assert not [line for line in recompiled if "text_tower.py" in line], recompiled
     for folder in (tmp_path / "compiled" / "model", tmp_path / "compiled" / "checkpoints" / "step-000000008"):
         assert not [k for k in load_file(str(folder / "model.safetensors")) if "_orig_mod" in k]
     model = ClipModel.from_pretrained(tmp_path / "compiled" / "model").to(CUDA).eval()  # uncompiled

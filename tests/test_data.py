@@ -19,8 +19,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clip_train.cli import data_main as clip_data  # clip-data with its demo sub-command
 from clip_train.data import DataError
-from clip_train.data.build import main as clip_data
 from clip_train.data.pipeline import (
     build_eval_loader,
     build_train_loader,
@@ -28,7 +28,8 @@ from clip_train.data.pipeline import (
 )
 from clip_train.data.quality import DataErrors
 from clip_train.data.shards import hash_fraction, write_folder, write_manifest, write_shards
-from clip_train.data.sources import Record, _ClipartMeta, _emoji_caption, openclipart_caption
+from clip_train.data.sources import Record
+from clip_train.demo.sources import _ClipartMeta, _emoji_caption, openclipart_caption
 
 CONTEXT = 48
 MAX_SIZE = 64
@@ -443,6 +444,11 @@ def test_clip_data_user_errors(tmp_path, capsys):
     assert clip_data(["demo", "--out", str(tmp_path / "o"), "--sources", "tuxpaint,flickr"]) == 2
     assert "unknown demo source flickr" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # the core's clip-data knows folders and manifests; `demo` is added by cli.py from clip_train.demo
+    from clip_train.data.build import main as core_clip_data
+
+    assert core_clip_data(["demo", "--out", str(tmp_path / "o")]) == 2
+    assert "invalid choice: 'demo'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ demo sources
@@ -470,7 +476,7 @@ EMOJI_PACKAGE = os.environ.get(
 
 
 def test_real_demo_sources(tmp_path):
-    from clip_train.data import sources
+    from clip_train.demo import sources
 
     pytest.importorskip("emoji")
     available = []

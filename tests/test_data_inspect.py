@@ -16,7 +16,7 @@ from PIL import Image
 
 from clip_train.data import pipeline
 from clip_train.data.build import main as clip_data
-from clip_train.data.inspection import sheet_size
+from clip_train.data.contact_sheet import sheet_size
 
 
 def _encoded(img: Image.Image, fmt: str = "JPEG") -> bytes:

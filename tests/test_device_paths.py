@@ -1,7 +1,7 @@
-"""The CPU-side halves of the GPU path, runnable here: the CPU-only tunings decide by device type and
-switch themselves off elsewhere (asked with a cuda or meta device, no GPU needed), and a compiled
-model's text tower trims padding to a few widths so that caption lengths cause no recompilation.
-The GPU halves are tests/test_cuda.py."""
+"""The CPU-side halves of the GPU path, runnable here: the CPU-only tunings (models/cpu_tunings.py)
+decide by device type and switch themselves off elsewhere (asked with a cuda or meta device, no GPU
+needed), and a compiled model's text tower trims padding to a few widths so that caption lengths
+cause no recompilation. The GPU halves are tests/test_cuda.py."""
 
 import pytest
 import torch
@@ -10,16 +10,11 @@ from torch._dynamo.utils import counters
 
 from clip_train.config import load_config
 from clip_train.evaluate.encode import EvalContext, InferenceTowers, image_chunk_size
-from clip_train.models import dropout
+from clip_train.models import cpu_tunings, dropout
 from clip_train.models.clip import ClipModel
 from clip_train.models.dropout import MaskDropout
-from clip_train.models.towers import (
-    COMPILED_LENGTH_MULTIPLE,
-    POOLINGS,
-    BatchNormalize,
-    TextTower,
-    build_text_tower,
-)
+from clip_train.models.text_tower import COMPILED_LENGTH_MULTIPLE, POOLINGS, TextTower, build_text_tower
+from clip_train.models.transforms import BatchNormalize
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 CONTEXT = 32  # wider than one bucket of 16, so that bucketing has something to decide
@@ -28,6 +23,33 @@ OTHER_DEVICES = [torch.device("cuda"), torch.device("cuda", 1), torch.device("me
 
 def _cfg(*overrides):
     return load_config(["configs/tiny.yaml"], [*TINY, f"model.text.context_length={CONTEXT}", *overrides])
+
+
+@pytest.mark.parametrize("tuning", cpu_tunings.ALL_TUNINGS, ids=lambda tuning: tuning.__name__)
+def test_each_cpu_tuning_is_on_for_the_cpu_and_off_for_every_other_device_type(tuning):
+    assert tuning(torch.device("cpu"))
+    others = [*OTHER_DEVICES, torch.device("mps"), torch.device("xpu")]  # device types, no hardware needed
+    assert not [device for device in others if tuning(device)]
+
+
+def test_the_tuned_sites_ask_cpu_tunings_and_nothing_else(monkeypatch):
+    """With every tuning answering "off", the CPU takes the plain path at each site: one place decides."""
+    for tuning in cpu_tunings.ALL_TUNINGS:
+        monkeypatch.setattr(cpu_tunings, tuning.__name__, lambda device: False)
+    cpu = torch.device("cpu")
+    assert image_chunk_size(cpu) == 1 << 30
+    torch.manual_seed(0)
+    model = ClipModel(_cfg().model).eval()
+    towers = InferenceTowers()
+    assert (
+        towers.get(model, torch.zeros(2, 3, 64, 64), EvalContext(cpu, "fp32", 4))
+        == model.image_tower_features
+    )
+    normalize = BatchNormalize([0.5] * 3, [0.25] * 3, reuse=2)
+    normalize(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+    assert normalize._buffers == [None, None]
+    monkeypatch.setattr(dropout.torch, "rand", lambda *args, **kwargs: pytest.fail("MaskDropout drew a mask"))
+    assert MaskDropout(0.5).train()(torch.ones(8, 8)).shape == (8, 8)
 
 
 @pytest.mark.parametrize("device", OTHER_DEVICES, ids=str)

@@ -11,7 +11,7 @@ import torch
 from runs import REPO, losses, run_train
 
 from clip_train.config import ImageTowerConfig
-from clip_train.models.towers import build_image_tower
+from clip_train.models.image_tower import build_image_tower
 from clip_train.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def _resumes_exactly(tmp_path, tiny_data, *extra) -> dict[int, float]:
     losses. Returns the straight run's losses."""
     straight = run_train(tmp_path / "straight", tiny_data, *extra)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_train(tmp_path / "resumed", tiny_data, *extra, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    killed = run_train(tmp_path / "resumed", tiny_data, *extra, faults=("--kill-at-step", "6"))
     assert killed.returncode == -9
     resumed = run_train(tmp_path / "resumed", tiny_data, *extra)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -44,7 +44,7 @@ def test_killed_run_resumes_to_the_same_losses_and_evaluates(tmp_path, tiny_data
     straight = run_train(tmp_path / "straight", tiny_data)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    killed = run_train(tmp_path / "resumed", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    killed = run_train(tmp_path / "resumed", tiny_data, faults=("--kill-at-step", "6"))
     assert killed.returncode == -9  # SIGKILL: no handler ran, nothing was tidied up
     ckpts = tmp_path / "resumed" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-000000004"
@@ -111,7 +111,7 @@ def test_missing_shards_fail_fast_with_one_line(tmp_path, tiny_data):
 
 
 def test_a_run_killed_after_its_final_checkpoint_still_gets_its_final_evaluation(tmp_path, tiny_data):
-    killed = run_train(tmp_path / "run", tiny_data, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "8"})
+    killed = run_train(tmp_path / "run", tiny_data, faults=("--kill-at-step", "8"))
     assert killed.returncode == -9 and not (tmp_path / "run" / "results.json").exists()
     finished = run_train(tmp_path / "run", tiny_data)
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -155,7 +155,7 @@ def test_siglip_tiled_with_accumulation_trains_and_records_which_loss_ran(tmp_pa
 
 def test_nan_steps_are_skipped_logged_and_too_many_stop_the_run(tmp_path, tiny_data):
     run_dir = tmp_path / "nan"
-    done = run_train(run_dir, tiny_data, "train.steps=6", env={"CLIP_TRAIN_TEST_NAN_AT_STEPS": "3"})
+    done = run_train(run_dir, tiny_data, "train.steps=6", faults=("--nan-at-steps", "3"))
     assert done.returncode == 0, done.stderr[-2000:]
     skips = read_metrics(run_dir, "skip")
     assert [s["step"] for s in skips] == [3] and math.isnan(float(skips[0]["loss"]))
@@ -170,10 +170,24 @@ def test_nan_steps_are_skipped_logged_and_too_many_stop_the_run(tmp_path, tiny_d
         tmp_path / "nan2",
         tiny_data,
         "train.max_consecutive_skips=2",
-        env={"CLIP_TRAIN_TEST_NAN_AT_STEPS": "2,3"},
+        faults=("--nan-at-steps", "2,3"),
     )
     assert stopped.returncode == 2
     assert "2 consecutive non-finite steps up to step 3" in stopped.stderr and stopped.stderr.count("\n") == 1
+
+
+def test_a_nan_step_under_accumulation_is_skipped_like_a_plain_one(tmp_path, tiny_data):
+    run_dir = tmp_path / "nan_accum"
+    done = run_train(
+        run_dir, tiny_data, "train.steps=6", "train.accum_steps=2", faults=("--nan-at-steps", "3")
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    skips = read_metrics(run_dir, "skip")
+    assert [s["step"] for s in skips] == [3] and math.isnan(float(skips[0]["loss"]))
+    assert len(skips[0]["keys"]) == 16  # both micro-batches' samples
+    train = {r["step"]: r for r in read_metrics(run_dir, "train")}
+    assert sorted(train) == [1, 2, 4, 5, 6] and not any(math.isnan(r["loss"]) for r in train.values())
+    assert train[4]["lr"] == pytest.approx(_train_lr(3, 6))
 
 
 def _train_lr(step: int, total: int) -> float:
@@ -194,7 +208,7 @@ def test_weighted_sources_with_two_workers_resume_exactly_and_resume_changes_nee
     settings = [sources, "data.train_shards=", "data.num_workers=2", "eval.zeroshot=[]", "data.val_shards="]
     straight = run_train(tmp_path / "straight", tiny_data, *settings)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_train(tmp_path / "run", tiny_data, *settings, env={"CLIP_TRAIN_TEST_KILL_AT_STEP": "6"})
+    killed = run_train(tmp_path / "run", tiny_data, *settings, faults=("--kill-at-step", "6"))
     assert killed.returncode == -9
     # another worker count changes the data order: refused, unless the config says it is fine
     refused = run_train(tmp_path / "run", tiny_data, *settings, "data.num_workers=0")

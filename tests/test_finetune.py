@@ -90,7 +90,7 @@ def test_fine_tuning_a_saved_model_with_a_locked_image_tower_and_wise_ft(tmp_pat
         assert rows[1][key] == pytest.approx(results[key], abs=1e-6)  # alpha 1: the fine-tuned one
     assert (tmp_path / "tuned" / "eval" / "wise" / "wise.png").is_file()
     table = subprocess.run(
-        [sys.executable, "-m", "clip_train.finetune", str(tmp_path / "tuned")],
+        [sys.executable, "-m", "clip_train", "finetune", str(tmp_path / "tuned")],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
@@ -109,17 +109,18 @@ def test_fine_tuning_a_saved_model_with_a_locked_image_tower_and_wise_ft(tmp_pat
 
 
 def test_demo_manifest_writes_the_chosen_categories_and_refuses_an_unknown_one(tmp_path, monkeypatch, capsys):
-    from clip_train import finetune
+    from clip_train.cli import finetune_main
     from clip_train.data.sources import Record
+    from clip_train.demo import domain
 
     stamps = [
         Record("tuxpaint", "a", "/stamps/cat.png", "a cat", {"category": "animals/mammals/cats"}),
         Record("tuxpaint", "b", "/stamps/pear.png", "a pear", {"category": "food/fruit/cartoon"}),
         Record("tuxpaint", "c", "/stamps/x.png", None, {"category": "food/fruit"}),  # no caption: left out
     ]
-    monkeypatch.setattr(finetune, "tuxpaint_records", lambda: iter(stamps))
+    monkeypatch.setattr(domain, "tuxpaint_records", lambda: iter(stamps))
     out = tmp_path / "domain.csv"
-    assert finetune.main(["demo-manifest", "--categories", "food", "--out", str(out)]) == 0
+    assert finetune_main(["demo-manifest", "--categories", "food", "--out", str(out)]) == 0
     rows = out.read_text().splitlines()
     assert (
         rows[0] == "image,caption,category"
@@ -127,7 +128,7 @@ def test_demo_manifest_writes_the_chosen_categories_and_refuses_an_unknown_one(t
         and rows[1].startswith("/stamps/pear.png,a pear,")
     )
 
-    assert finetune.main(["demo-manifest", "--categories", "fod", "--out", str(tmp_path / "typo.csv")]) == 2
+    assert finetune_main(["demo-manifest", "--categories", "fod", "--out", str(tmp_path / "typo.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no Tux Paint category fod" in err and "animals, food" in err and "\n" not in err
     assert not (tmp_path / "typo.csv").exists() and not list(tmp_path.glob("typo.csv*"))

@@ -5,13 +5,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clip_train"
 LAYERS = [
-    {"config"},
+    {"config", "atomic", "paths", "errors"},  # files written whole; where a saved model is; one-line errors
     {"distributed", "preemption"},
     {"models", "loss", "accumulation", "data", "optim", "checkpoint", "tracking"},
-    {"flops"},  # counts a models.ClipModel's FLOPs
-    {"evaluate", "export"},
+    {"flops", "export_formats"},  # FLOPs of a models.ClipModel; export.py's files and their check
+    {"evaluate", "export", "inference"},  # inference: clip_train.load
     {"finetune"},
     {"train"},
+    # the demo's sources and evaluation sets: above the whole core, so nothing of it can import the
+    # demo; evaluate/registry.py imports it by name on the first dataset lookup (docs/design.md)
+    {"demo"},
     {"cli"},
     {"__main__"},
 ]

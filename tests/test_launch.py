@@ -13,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from runs import entry
 
 from clip_train.tracking import read_metrics
 
@@ -66,11 +67,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _accelerate(*args) -> list[str]:
+def _accelerate(*args, faults=()) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", "launch/accelerate/cpu_2proc.yaml",
-        "--main_process_port", str(_free_port()), "-m", "clip_train", "train", "configs/tiny.yaml", *args,
+        "--main_process_port", str(_free_port()), *entry(faults), "configs/tiny.yaml", *args,
     ]  # fmt: skip
 
 
@@ -115,14 +116,13 @@ def test_a_preempted_two_process_run_resumes_each_ranks_own_data_stream(tmp_path
                 sink.write(sample)
     settings = [f"data.train_shards={folder}/r{{0..1}}.tar", f"data.batch_size={BATCH}", *EXACT]
 
-    def launch(run_dir, env=None):
+    def launch(run_dir, faults=()):
         return subprocess.run(
-            _accelerate(f"run_dir={run_dir}", *settings),
+            _accelerate(f"run_dir={run_dir}", *settings, faults=faults),
             capture_output=True,
             text=True,
             timeout=600,
             cwd=REPO,
-            env=env,
         )
 
     straight = launch(tmp_path / "straight")
@@ -130,7 +130,7 @@ def test_a_preempted_two_process_run_resumes_each_ranks_own_data_stream(tmp_path
     assert read_metrics(tmp_path / "straight", "train")[-1]["data/skipped/undecodable_image"] == 1
 
     # the preemption warning reaches rank 1 only, as it starts step 3
-    stopped = launch(tmp_path / "run", env={**os.environ, "CLIP_TRAIN_TEST_SIGNAL_AT_STEP": "3:1"})
+    stopped = launch(tmp_path / "run", faults=("--signal-at", "3:1"))
     assert stopped.returncode != 0
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     assert latest == "step-000000003", stopped.stderr[-3000:]

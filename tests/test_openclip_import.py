@@ -12,16 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 open_clip = pytest.importorskip("open_clip")
 
 from clip_train.models.clip import ClipModel, load_tokenizer  # noqa: E402
-from clip_train.models.openclip_import import (  # noqa: E402
+from clip_train.models.openclip_config import (  # noqa: E402
     OpenClipImportError,
-    check_timm_trunk,
-    find_timm_vit,
-    import_openclip,
-    main,
     openclip_preprocess,
     resolve_openclip_config,
 )
-from clip_train.models.towers import tiny_tokenizer  # noqa: E402
+from clip_train.models.openclip_convert import check_timm_trunk, find_timm_vit  # noqa: E402
+from clip_train.models.openclip_import import import_openclip, main  # noqa: E402
+from clip_train.models.tokenizer import tiny_tokenizer  # noqa: E402
 
 # Other captions than the import's own check, with what a tokenizer can get wrong: case, punctuation,
 # contractions, digits, accents, whitespace, and truncation at the context length.

@@ -14,7 +14,7 @@ from runs import REPO, losses
 from clip_train.config import ARCHITECTURES, ConfigError, ModelConfig, load_config
 from clip_train.models.arch import arch_model_config, siglip_style_difference
 from clip_train.models.clip import ClipModel, load_tokenizer
-from clip_train.models.towers import build_tokenizer
+from clip_train.models.tokenizer import build_tokenizer
 
 RECIPES = sorted((Path(REPO) / "configs" / "pretrain").glob("*.yaml"))
 CAPTIONS = ["a photo of a dog.", "Two cats   on a sofa!", "an émoji &amp; a café, 2024"]

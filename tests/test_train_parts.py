@@ -7,7 +7,10 @@ import torch
 
 from clip_train.config import ConfigError, load_config, validate
 from clip_train.models.clip import ClipModel
-from clip_train.train import ImageFeatureCache, due, segment_seed
+from clip_train.train.data_stream import segment_seed
+from clip_train.train.feature_cache import ImageFeatureCache
+from clip_train.train.state import StreamState, TrainState
+from clip_train.train.trainer import due
 
 TINY = ["run_dir=/tmp/unused", "data.train_shards=/tmp/unused"]
 
@@ -77,8 +80,6 @@ def test_feature_cache_returns_the_towers_output_and_computes_each_sample_once()
 
 
 def test_train_state_keeps_each_ranks_data_stream_and_reads_older_checkpoints():
-    from clip_train.train import TrainState
-
     saved = TrainState(step=7, samples_seen=56, rank=0)
     saved.data_by_rank = {0: {"pass": 1, "positions": {0: 30}, "next_worker": 1},
                           1: {"pass": 0, "positions": {0: 31, 1: 29}, "next_worker": 0}}  # fmt: skip
@@ -86,7 +87,7 @@ def test_train_state_keeps_each_ranks_data_stream_and_reads_older_checkpoints():
     ranks = [TrainState(rank=r) for r in (0, 1, 2)]
     for train_state in ranks:
         train_state.load_state_dict(state)
-    assert [(t.step, t.data_pass, t.data_positions, t.data_next_worker) for t in ranks] == [
+    assert [(t.step, t.stream.data_pass, t.stream.positions, t.stream.next_worker) for t in ranks] == [
         (7, 1, {0: 30}, 1),
         (7, 0, {0: 31, 1: 29}, 0),
         (7, 0, {}, 0),  # no entry (more processes than saved): the segment's stream from its start
@@ -101,4 +102,21 @@ def test_train_state_keeps_each_ranks_data_stream_and_reads_older_checkpoints():
     }
     old = TrainState(rank=1)
     old.load_state_dict(legacy)
-    assert (old.step, old.data_pass, old.data_positions, old.data_next_worker) == (3, 2, {1: 12}, 1)
+    assert (old.step, old.stream.data_pass, old.stream.positions, old.stream.next_worker) == (
+        3,
+        2,
+        {1: 12},
+        1,
+    )
+
+
+def test_stream_state_advances_by_worker_and_resets_for_a_segment_or_a_pass():
+    stream = StreamState()
+    stream.advance([(0, 4), (0, 7), (0, 6)], num_workers=2)  # a batch of worker 0's raw samples 4..7
+    stream.advance([(1, 5)], num_workers=2)
+    assert (stream.positions, stream.next_worker) == ({0: 7, 1: 5}, 0)  # the workers take turns
+    stream.next_pass()
+    assert (stream.data_pass, stream.positions, stream.next_worker) == (1, {}, 0)
+    stream.advance([(1, 3)], num_workers=2)
+    stream.reset()
+    assert (stream.data_pass, stream.positions, stream.next_worker) == (0, {}, 0)

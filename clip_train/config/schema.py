@@ -192,7 +192,8 @@ class ZeroShotTask:
     classnames: str = ""  # a file, one class name per line (line i = class i); empty = the dataset's
     class_key: str = "cls"  # wds: the sample member holding the class, or json:<field>
     # Also fit a logistic-regression probe on frozen image features of this many training images
-    # (fashion-mnist's train split; 0 = no probe): the supervised reference for the zero-shot number.
+    # (the dataset's train split: fashion-mnist's, or a registered set's; 0 = no probe): the
+    # supervised reference for the zero-shot number.
     linear_probe_train: int = _range(0, 0)
 
 
@@ -212,11 +213,11 @@ class EvalConfig:
     retrieval_tasks: list[RetrievalTask] = field(default_factory=list)  # further retrieval sets
     batch_size: int = _range(128, 1)
     plots: bool = True  # a PNG per task: confusion matrix / recall@k curves
-    # fp32 evaluation through a traced, frozen copy of the image tower (BatchNorm folded, oneDNN
-    # kernels): ~1.25x faster on CPU, equal to rounding; false = the eager tower
+    # fp32 evaluation on CPU through a traced, frozen copy of the image tower (BatchNorm folded,
+    # oneDNN kernels), equal to rounding; false = the eager tower (docs/performance.md)
     jit_image_tower: bool = True
     # Images per image-tower call (evaluation, and train.cache_image_features' forward); 0 = auto:
-    # 8 on CPU, where small chunks stay in cache (~3x faster for EfficientNet-Lite0), else the batch
+    # 8 on CPU, where small chunks stay in cache, else the batch (docs/performance.md)
     image_chunk: int = _range(0, 0)
 
 

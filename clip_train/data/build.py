@@ -7,6 +7,11 @@
 
 Re-running is cheap: when the output folder already holds a finished build (its stats.json), the
 command says so and exits 0 without touching it, unless --overwrite is given.
+
+`demo` is not this module's: it knows folders and manifests, and main() takes further sub-commands
+from the packages above it (cli.py passes clip_train/demo/build.py's), each an `add(commands,
+common)` that adds its sub-parser with the shared build options and `set_defaults(write=...)`, a
+function (args, settings) -> stats called in place of write_folder or write_manifest.
 """
 
 from __future__ import annotations
@@ -15,20 +20,22 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from clip_train.data import DataError
-from clip_train.data.sources import DEMO_SOURCES
 
 PROG = "clip-data"
+# a sub-command from a package above this one: add(commands, common), see the module docstring
+AddCommand = Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(extra: Sequence[AddCommand] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Write image-text pairs as webdataset tar shards."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,folder,manifest,inspect}")
+    commands = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
@@ -39,19 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--jpeg-quality", type=int, default=90)
     common.add_argument("--overwrite", action="store_true", help="rebuild even if OUT already holds shards")
 
-    demo = commands.add_parser(
-        "demo", parents=[common], help="the real demo sources (Tux Paint, emoji, OpenClipart)"
-    )
-    demo.add_argument(
-        "--sources",
-        default=",".join(DEMO_SOURCES),
-        help=f"comma-separated subset of {','.join(DEMO_SOURCES)}",
-    )
-    demo.add_argument(
-        "--emoji-package",
-        type=Path,
-        help="the .tgz from `npm pack @lobehub/fluent-emoji-3d`, or its extracted folder",
-    )
+    for add in extra:
+        add(commands, common)
 
     folder = commands.add_parser(
         "folder", parents=[common], help="a folder of images with same-named .txt captions"
@@ -89,12 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         "--sheet", type=Path, default=Path("inspect.png"), metavar="PATH", help="default ./inspect.png"
     )
     inspect.add_argument("--json", type=Path, metavar="PATH", help="also write the statistics as JSON")
+    commands.metavar = "{" + ",".join(commands.choices) + "}"  # the added ones too
     return parser
 
 
 def _inspect(args: argparse.Namespace) -> int:
     # inspect.py imports PIL and webdataset (and so torch): only once the arguments are good
-    from clip_train.data.inspection import format_report, inspect_shards
+    from clip_train.data.inspection import inspect_shards
+    from clip_train.data.inspection_report import format_report
 
     try:
         report = inspect_shards(
@@ -135,9 +133,10 @@ def _summary(stats: dict[str, Any], out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands: Sequence[AddCommand] = ()) -> int:
+    """clip-data, with the sub-commands `commands` adds (cli.py's data_main adds `demo`)."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(commands).parse_args(argv)
     except SystemExit as e:  # argparse has printed its usage message already
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # the writers import PIL and webdataset (and so torch): after the quick exits above
-    from clip_train.data.shards import write_demo, write_folder, write_manifest
+    from clip_train.data.shards import write_folder, write_manifest
 
     settings = dict(
         max_size=args.max_size,
@@ -160,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
     )
     try:
-        if args.command == "demo":
-            sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-            stats = write_demo(args.out, sources=sources, emoji_package=args.emoji_package, **settings)
+        if hasattr(args, "write"):  # an added sub-command
+            stats = args.write(args, settings)
         elif args.command == "folder":
             stats = write_folder(args.src, args.out, **settings)
         else:
@@ -183,7 +181,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(_summary(stats, args.out))
     return 0
-
-
-if __name__ == "__main__":  # `python -m clip_train.data.build ...`; the installed command is cli.py's
-    raise SystemExit(main())

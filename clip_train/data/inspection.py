@@ -1,7 +1,7 @@
 """`clip-data inspect`: what a set of shards holds, looked at before training on it.
 
     report = inspect_shards("shards/demo", limit=None, samples=24, seed=0, sheet="inspect.png")
-    print(format_report(report))
+    print(format_report(report))   # clip_train.data.inspection_report
 
 Reads the tars through webdataset's own tar iterator and key grouping, so a sample here is exactly
 a sample to the training pipeline, and judges each one by the pipeline's rules: the image is the
@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from clip_train.data import DataError
+from clip_train.data.contact_sheet import write_sheet
 from clip_train.data.pipeline import expand_urls
 from clip_train.data.shards import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
 
@@ -46,22 +47,9 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;png;webp;jpeg"  # DataConfig.image_key's default
 TEXT_KEY = "txt"  # DataConfig.text_key's default
 META_FIELDS = ("source", "category")  # what clip-data writes into every sample's .json
-PER_SHARD_ROWS = 12  # list every shard up to this many, else min/median/max per shard
-TOP_VALUES = 15  # values of a metadata field printed (the JSON keeps up to JSON_TOP_VALUES)
 JSON_TOP_VALUES = 1000
 EXAMPLES_PER_REASON = 3
 SMALLEST = 3  # images listed by name as the smallest
-REPORT_WIDTH = 110  # long lines of values are wrapped to this
-
-# the contact sheet: cells of a thumbnail with its key and wrapped caption underneath
-THUMB = 160
-PAD = 8
-CAPTION_LINES = 4
-FONT_SIZE = 12
-LINE_HEIGHT = FONT_SIZE + 3
-CELL_W = THUMB
-CELL_H = THUMB + 4 + (1 + CAPTION_LINES) * LINE_HEIGHT  # thumbnail, gap, key line, caption lines
-TITLE_H = LINE_HEIGHT + PAD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +176,7 @@ class _Tally:
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if "json" in sample:
             self._meta(sample["json"])
-        # the first reason the training loader would give (pipeline._Prepare's order)
+        # the first reason the training loader would give (pipeline_stages._Prepare's order)
         if data is None:
             problem = ("no_image", "no " + " or ".join(f".{k}" for k in self.image_keys))
         else:
@@ -362,110 +350,6 @@ def _summary(tally: _Tally, spec: str, urls: list[str], limit: int | None, secon
 
 
 # ---------------------------------------------------------------------------------------------
-# The contact sheet
-# ---------------------------------------------------------------------------------------------
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    """(columns, rows) for n cells: about 3 columns to 2 rows, a wide sheet for a landscape screen."""
-    if n <= 0:
-        return 0, 0
-    cols = min(n, math.ceil(math.sqrt(n * 1.5)))
-    return cols, math.ceil(n / cols)
-
-
-def sheet_size(n: int) -> tuple[int, int]:
-    cols, rows = grid_shape(n)
-    return cols * CELL_W + (cols + 1) * PAD, TITLE_H + rows * CELL_H + (rows + 1) * PAD
-
-
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=FONT_SIZE)  # Pillow's built-in FreeType font
-    except (TypeError, OSError):  # Pillow < 10.1, or built without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _drawable(text: str, font: Any) -> str:
-    # the bitmap fallback font encodes to Latin-1 and raises on anything else
-    if isinstance(font, ImageFont.FreeTypeFont):
-        return text
-    return text.encode("latin-1", "replace").decode("latin-1")
-
-
-def _fit(text: str, font: Any, width: int, *, from_left: bool = False) -> str:
-    """`text` shortened with '...' until it fits `width` pixels (from_left keeps the end)."""
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength("..." + text if from_left else text + "...") > width:
-        text = text[1:] if from_left else text[:-1]
-    return "..." + text if from_left else text.rstrip() + "..."
-
-
-def _wrap(caption: str, font: Any, width: int, lines: int) -> list[str]:
-    """Greedy word wrap to `width` pixels, at most `lines` lines, the last one ending in '...' when
-    the caption goes on. Words longer than a line are cut by characters."""
-    out: list[str] = []
-    words = caption.split()
-    while words and len(out) < lines:
-        line = ""
-        while words:
-            candidate = f"{line} {words[0]}" if line else words[0]
-            if font.getlength(candidate) <= width:
-                line, words = candidate, words[1:]
-            elif not line:  # one word wider than the cell: split it
-                cut = 1
-                while cut < len(words[0]) and font.getlength(words[0][: cut + 1]) <= width:
-                    cut += 1
-                line, words = words[0][:cut], [words[0][cut:], *words[1:]]
-                break
-            else:
-                break
-        out.append(line)
-    if words:
-        out[-1] = _fit(out[-1] + " " + " ".join(words), font, width)
-    return out
-
-
-def _thumbnail(data: bytes, max_pixels: int) -> Image.Image:
-    img = open_image(data, max_pixels)
-    if img.format == "JPEG":
-        img.draft(None, (THUMB, THUMB))  # decode near thumbnail size
-    img = to_rgb(img)
-    img.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-    return img
-
-
-def write_sheet(
-    chosen: list[tuple[str, str, bytes]], path: Path, title: str, max_pixels: int
-) -> dict[str, Any]:
-    """A PNG grid: each thumbnail centred in its square, its shard/key in grey and the caption
-    wrapped below. Returns what was written (path, samples, columns, rows, size)."""
-    cols, rows = grid_shape(len(chosen))
-    size = sheet_size(len(chosen))
-    sheet = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(sheet)
-    font = _font()
-    draw.text((PAD, PAD // 2), _drawable(_fit(title, font, size[0] - 2 * PAD), font), fill="black", font=font)
-    for i, (where, caption, data) in enumerate(chosen):
-        x = PAD + (i % cols) * (CELL_W + PAD)
-        y = TITLE_H + PAD + (i // cols) * (CELL_H + PAD)
-        draw.rectangle([x - 1, y - 1, x + THUMB, y + THUMB], outline=(200, 200, 200))
-        try:
-            thumb = _thumbnail(data, max_pixels)
-            sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
-        except Exception:  # noqa: BLE001 - checked decodable once already; never fail the sheet on it
-            draw.text((x + PAD, y + THUMB // 2), "(undecodable)", fill="red", font=font)
-        ty = y + THUMB + 4
-        draw.text((x, ty), _drawable(_fit(where, font, CELL_W, from_left=True), font), fill="gray", font=font)
-        for j, line in enumerate(_wrap(_drawable(caption, font), font, CELL_W, CAPTION_LINES)):
-            draw.text((x, ty + (j + 1) * LINE_HEIGHT), line, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, "PNG")
-    return {"path": str(path.resolve()), "samples": len(chosen), "cols": cols, "rows": rows, "size": [*size]}
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole inspection
 # ---------------------------------------------------------------------------------------------
 
@@ -519,151 +403,3 @@ def inspect_shards(
         title = f"{len(reservoir.items)} random usable samples of {reservoir.seen} (seed {seed}) from {spec}"
         report["sheet"] = {**write_sheet(reservoir.chosen(), sheet_path, title, max_pixels), "seed": seed}
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# The printed report
-# ---------------------------------------------------------------------------------------------
-
-
-def _table(rows: list[tuple[str, dict[str, Any] | None]], scale: float = 1.0) -> list[str]:
-    rows = [(label, stats) for label, stats in rows if stats]
-    if not rows:
-        return []
-    columns = [c for c in rows[0][1] if c != "total"]
-    lines = ["  " + " " * 12 + "".join(f"{c:>9}" for c in columns)]
-    for label, stats in rows:
-        cells = "".join(f"{_number(stats[c] / scale)!s:>9}" for c in columns)
-        lines.append(f"  {label:<12}{cells}")
-    return lines
-
-
-def _human_bytes(n: int) -> str:
-    value, unit = float(n), "bytes"
-    for bigger in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-
-
-def _counts(counter: dict[str, int], total: int, *, limit: int = TOP_VALUES) -> list[str]:
-    shown = [f"{value or '(empty)'} {n} ({n / total:.1%})" for value, n in list(counter.items())[:limit]]
-    if len(counter) > limit:
-        shown.append(f"+ {len(counter) - limit} more")
-    return shown
-
-
-def _wrapped(head: str, items: list[str]) -> list[str]:
-    """`head` then the items joined by ', ', wrapped between items to REPORT_WIDTH."""
-    lines = [head]
-    for i, item in enumerate(items):
-        piece = item + ("," if i < len(items) - 1 else "")
-        if len(lines[-1]) + 1 + len(piece) > REPORT_WIDTH and lines[-1].strip():
-            lines.append("   ")
-        lines[-1] += " " + piece
-    return lines
-
-
-def _shard_lines(report: dict[str, Any]) -> list[str]:
-    shards = report["shards"]
-    per_shard = shards["per_shard"]
-    urls = [s["url"] for s in per_shard]
-    folders = {os.path.dirname(u) for u in urls}
-    short = len(folders) == 1 and not any(u.startswith("pipe:") or "://" in u for u in urls)
-    where = f" in {folders.pop() or '.'}" if short else ""
-    lines = [f"shards: {shards['count']}{where}"]
-    if shards["count"] <= PER_SHARD_ROWS:
-        for s in per_shard:
-            name = os.path.basename(s["url"]) if short else s["url"]
-            notes = [f"{s['bad']} bad"] if s["bad"] else []
-            notes += [f"{s['tar_errors']} tar error(s)"] if s["tar_errors"] else []
-            notes += [] if s["complete"] else ["--limit: stopped before the end"]
-            note = f"  ({', '.join(notes)})" if notes else ""
-            lines.append(f"  {name:<24}{s['samples']:>8} samples{note}")
-        if shards["visited"] < shards["count"]:
-            lines.append(f"  {shards['count'] - shards['visited']} shard(s) not read (--limit)")
-    elif shards["samples_per_shard"]:
-        per = shards["samples_per_shard"]
-        what = "samples read per shard" if report["samples"]["limit"] else "samples per shard"
-        lines.append(f"  {what}: min {per['min']}, median {per['median']}, max {per['max']}")
-    return lines
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The statistics as the few dozen lines `clip-data inspect` prints."""
-    samples, shards = report["samples"], report["shards"]
-    lines = _shard_lines(report)
-    read = f"samples: {samples['read']} read, {samples['usable']} usable, {samples['bad']} bad"
-    if samples["limit"]:
-        read += (
-            f" (--limit {samples['limit']}: {shards['visited']} of {shards['count']} shards visited, "
-            f"{shards['complete']} read to the end)"
-        )
-    lines.append(read)
-    total = max(1, samples["read"])
-    if report["members"]:
-        members = ", ".join(f".{ext} {n}" for ext, n in report["members"].items())
-        layouts = report["layouts"]
-        if len(layouts) == 1:
-            members += f" (every sample: {next(iter(layouts))})"
-        else:
-            members += f"; layouts: {', '.join(_counts(layouts, total, limit=5))}"
-        lines.append(f"members: {members}")
-
-    captions = report["captions"]
-    lines.append(f"captions: {captions['readable']} readable, {captions['empty']} empty")
-    lines += _table([("characters", captions["chars"]), ("words", captions["words"])])
-
-    images = report["images"]
-    line = f"images: {images['readable_header']} with a readable header"
-    if images["modes"]:
-        line += f"; modes {', '.join(_counts(images['modes'], images['readable_header'], limit=5))}"
-        line += f"; formats {', '.join(_counts(images['formats'], images['readable_header'], limit=5))}"
-    lines.append(line)
-    sides = [("width", images["width"]), ("height", images["height"]), ("long side", images["long_side"])]
-    lines += _table(sides)
-    if images["file_bytes"]:
-        lines += _table([("file KiB", images["file_bytes"])], scale=1024)
-        lines[-1] += f"   total {_human_bytes(images['file_bytes']['total'])}"
-    # named only when far below the typical size: with all images alike they would be noise
-    small = [
-        f"{s['sample']} {s['width']}x{s['height']}"
-        for s in images["smallest"]
-        if max(s["width"], s["height"]) < images["long_side"]["median"] / 2
-    ]
-    if small:
-        lines += _wrapped("  smallest:", small)
-
-    meta = report["metadata"]
-    for field in META_FIELDS:
-        if meta[field]:
-            counted = sum(meta[field].values())
-            head = f"{field} (.json, {meta['distinct'][field]} distinct, {counted} samples):"
-            lines += _wrapped(head, _counts(meta[field], counted))
-    if meta["json_unreadable"]:
-        lines.append(f".json: {meta['json_unreadable']} of {meta['json_samples']} are not valid JSON")
-
-    bad = report["bad"]
-    if bad["by_reason"]:
-        reasons = ", ".join(f"{reason} {n}" for reason, n in bad["by_reason"].items())
-        lines.append(f"bad samples (training skips them): {reasons}")
-    else:
-        lines.append("bad samples: none")
-    if bad["tar_errors"]:
-        lines.append("broken tars: " + ", ".join(f"{reason} {n}" for reason, n in bad["tar_errors"].items()))
-    for reason in [*bad["by_reason"], *bad["tar_errors"]]:
-        lines += [f"  e.g. {reason}: {example}" for example in bad["examples"].get(reason, [])]
-
-    seconds = report["seconds"]
-    rate = f" ({samples['read'] / seconds:.0f} samples/s)" if seconds > 0 else ""
-    lines.append(f"read in {seconds:.1f} s{rate}")
-    sheet = report["sheet"]
-    if sheet:
-        lines.append(
-            f"contact sheet: {sheet['samples']} random usable samples (seed {sheet['seed']}), "
-            f"{sheet['cols']} x {sheet['rows']}, written to {sheet['path']}"
-        )
-    elif report.get("sheet_requested"):
-        lines.append("contact sheet: not written (no usable sample)")
-    return "\n".join(lines)

@@ -22,10 +22,7 @@ This module never imports the models: the image transform and the tokenizer arri
 from __future__ import annotations
 
 import collections
-import contextlib
 import glob
-import hashlib
-import itertools
 import logging
 import os
 import random
@@ -36,7 +33,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand  # webdataset's own dependency for {000..009} patterns
@@ -44,8 +40,17 @@ from PIL import Image
 
 from clip_train import preemption
 from clip_train.data import DataError
-from clip_train.data.quality import DataErrors, SampleError
-from clip_train.data.shards import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
+from clip_train.data.pipeline_stages import (
+    SOURCE_FIELD,
+    _Prepare,
+    _seed,
+    _shuffle_samples,
+    _split_by_rank,
+    _tag_source,
+    _worker_id,
+)
+from clip_train.data.quality import DataErrors
+from clip_train.data.shards import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -107,136 +112,26 @@ def expand_urls(spec: str, *, split: str | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pipeline stages (module-level callables, so the pipeline pickles for any worker start method)
+# Batches and the DataLoader (the stages before them are pipeline_stages.py's)
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_id() -> int:
-    info = torch.utils.data.get_worker_info()
-    return info.id if info is not None else 0
+@dataclass
+class TrainBatch:
+    """One training batch: images [B,3,H,W] (uint8 from the workers, float once normalised), token
+    ids [B,L], and per sample its caption, its key (prefixed with its shard URL), the source it came
+    from and where in its loader worker's stream it was: (worker, n), the n-th raw sample."""
 
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+    keys: list[str]
+    sources: list[str]
+    positions: list[tuple[int, int]]
 
-def _seed(*parts: Any) -> int:
-    """A stable 63-bit seed from its parts (Python's hash() of a str is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _split_by_rank(src: Iterable, *, rank: int, world_size: int) -> Iterator:
-    # wds.split_by_node asks torch.distributed (or $RANK); the trainer tells us instead
-    yield from itertools.islice(src, rank, None, world_size)
-
-
-def _tag_source(src: Iterable[dict], *, name: str) -> Iterator[dict]:
-    for sample in src:
-        sample[SOURCE_FIELD] = name
-        yield sample
-
-
-def _shuffle_samples(src: Iterable, *, bufsize: int, seed: int, rank: int) -> Iterator:
-    # the seed needs the worker id, which is only known once iteration starts in the worker
-    yield from wds.shuffle(bufsize, initial=bufsize, seed=_seed("samples", seed, rank, _worker_id()))(
-        iter(src)
-    )
-
-
-class _Prepare:
-    """A raw tar sample -> (image tensor, token ids[, caption, key]); bad data raises SampleError."""
-
-    def __init__(
-        self,
-        *,
-        image_key: str,
-        text_key: str,
-        transform: Callable,
-        tokenize: Callable,
-        max_pixels: int,
-        errors: DataErrors,
-        with_meta: bool | str,
-        augment_seed: tuple | None = None,
-        decode_size: int | None = None,
-        skip_through: dict[int, int] | None = None,
-    ):
-        self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
-        self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
-        self.max_pixels, self.errors, self.with_meta = max_pixels, errors, with_meta
-        self.augment_seed, self.decode_size = augment_seed, decode_size
-        self.skip_through = dict(skip_through or {})  # a copy: the caller's may keep changing
-        self.position = 0  # samples this copy (one per loader worker) has prepared
-
-    def __call__(self, sample: dict[str, Any]) -> tuple | None:
-        self.position += 1
-        if self.position <= self.skip_through.get(_worker_id(), 0):
-            return None  # consumed before a resume: dropped by wds.map without being decoded
-        key, url = sample.get("__key__"), sample.get("__url__")
-        where = f"{url} {key}"
-        data = next((sample[k] for k in self.image_keys if k in sample), None)
-        if data is None:
-            raise SampleError("no_image", f"{where}: no image (looked for {', '.join(self.image_keys)})", url)
-        raw = sample.get(self.text_key)
-        if raw is None:
-            raise SampleError("no_caption", f"{where}: no caption ({self.text_key})", url)
-        try:
-            caption = " ".join((raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).split())
-        except UnicodeDecodeError:
-            raise SampleError("caption_not_utf8", f"{where}: caption is not UTF-8", url) from None
-        if not caption:
-            raise SampleError("empty_caption", f"{where}: empty caption", url)
-        try:
-            image = open_image(data, self.max_pixels)
-        except ImageTooLarge as e:
-            raise SampleError("image_too_large", f"{where}: {e}", url) from None
-        except Exception as e:  # noqa: BLE001 - whatever PIL raises, this image is unusable
-            raise SampleError("undecodable_image", f"{where}: {type(e).__name__}: {e}", url) from None
-        try:
-            if self.decode_size and image.format == "JPEG":
-                # JPEG draft mode: decode at 1/2, 1/4 or 1/8 scale in the DCT domain, the
-                # smallest that still leaves both sides >= decode_size, so a 1024 px photo headed
-                # for a 224 px crop never decodes all of its pixels (PIL keeps the size if no
-                # reduction fits).
-                image.draft(image.mode, (self.decode_size, self.decode_size))
-            image.load()  # decode here, so a truncated file is reported with its key
-            image = to_rgb(image)
-        except Exception as e:  # noqa: BLE001
-            raise SampleError("undecodable_image", f"{where}: {type(e).__name__}: {e}", url) from None
-        if self.augment_seed is None:
-            pixels = self.transform(image)
-        else:
-            with _seeded_random(_seed("augment", *self.augment_seed, _worker_id(), self.position)):
-                pixels = self.transform(image)
-        tokens = torch.as_tensor(self.tokenize(caption), dtype=torch.long)
-        if tokens.dim() == 2 and tokens.shape[0] == 1:  # tokenizers that return [1, L] for one text
-            tokens = tokens[0]
-        self.errors.ok(url)
-        if not self.with_meta:
-            return pixels, tokens
-        if self.with_meta == "url_key":  # training: keys unique across shard sets, the source, and
-            # where in this worker's stream the sample was (what a resume skips through)
-            where_in_stream = (_worker_id(), self.position)
-            return pixels, tokens, caption, f"{url}/{key}", sample.get(SOURCE_FIELD, ""), where_in_stream
-        return pixels, tokens, caption, key
-
-
-@contextlib.contextmanager
-def _seeded_random(seed: int):
-    """Run a random augmentation from its own seed, leaving the global RNGs as they were.
-
-    The crop and flip of a training sample are then a function of (run seed, segment, rank,
-    worker, position in the stream), not of whatever else drew from the global RNGs before (dropout,
-    a DataLoader's base seed, another sample prepared ahead): a resumed run augments exactly as the
-    interrupted one did. timm's transforms draw from Python's random, torchvision's from torch's.
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    torch_state = torch.random.default_generator.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's is untouched
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.random.default_generator.set_state(torch_state)
+    @classmethod
+    def from_tuple(cls, batch: tuple) -> TrainBatch:
+        return cls(*batch)
 
 
 def _collate(samples: list[tuple]) -> tuple:
@@ -248,7 +143,7 @@ def _collate(samples: list[tuple]) -> tuple:
 
 def _loader(stages: list, num_workers: int, errors: DataErrors) -> torch.utils.data.DataLoader:
     # Batching happens in the pipeline (batch_size=None here); shuffle stays off because the
-    # seeded stages above already shuffle, and DataLoader's own shuffle is for map datasets.
+    # seeded stages already shuffle, and DataLoader's own shuffle is for map datasets.
     # A plain DataLoader rather than wds.WebLoader: WebLoader starts the DataLoader's iterator
     # lazily, at the first batch, and that is when torch's RNG is drawn for the workers' base seed;
     # a resume must be able to put the RNG back right after iter(loader) (see train.py).
@@ -267,8 +162,6 @@ def _loader(stages: list, num_workers: int, errors: DataErrors) -> torch.utils.d
 # ---------------------------------------------------------------------------------------------
 # Several sources, mixed by weight
 # ---------------------------------------------------------------------------------------------
-
-SOURCE_FIELD = "__source__"  # the name of the source a raw sample came from
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from clip_train.data import DataError
-from clip_train.data.sources import Record, demo_records, folder_records, manifest_records
+from clip_train.data.sources import Record, folder_records, manifest_records
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,36 @@ def write_shards(
     return stats
 
 
+class _Counts:
+    """What _write_all has seen so far: samples written per source and split, skips by reason (with a
+    few examples), and the image hashes and sample keys already taken."""
+
+    def __init__(self) -> None:
+        self.per_source: dict[str, Counter] = defaultdict(Counter)
+        self.skipped_by_source: dict[str, Counter] = defaultdict(Counter)
+        self.skipped: Counter = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+        self.first_key_of_hash: dict[str, str] = {}
+        self.used_keys: set[str] = set()
+        self.source_order: dict[str, None] = {}
+
+    def skip(self, record: Record, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        self.skipped_by_source[record.source][reason] += 1
+        if len(self.examples[reason]) < _EXAMPLES_PER_REASON:
+            self.examples[reason].append(f"{record.meta.get('path') or record.image}: {detail}")
+            log.debug("skipped %s (%s): %s", record.key, reason, detail)
+
+    def unique_key(self, record_key: str) -> str:
+        key = base = _safe_key(record_key)
+        for n in itertools.count(2):  # keys must be unique or webdataset merges the samples
+            if key not in self.used_keys:
+                break
+            key = f"{base}_{n}"
+        self.used_keys.add(key)
+        return key
+
+
 def _write_all(records: Iterable[Record], tmp: Path, settings: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     work = partial(
@@ -286,40 +316,25 @@ def _write_all(records: Iterable[Record], tmp: Path, settings: dict[str, Any]) -
         jpeg_quality=settings["jpeg_quality"],
         max_pixels=settings["max_pixels"],
     )
-    per_source: dict[str, Counter] = defaultdict(Counter)
-    skipped_by_source: dict[str, Counter] = defaultdict(Counter)
-    skipped: Counter = Counter()
-    examples: dict[str, list[str]] = defaultdict(list)
-    first_key_of_hash: dict[str, str] = {}
-    used_keys: set[str] = set()
-    source_order: dict[str, None] = {}
+    counts = _Counts()
     writers = _SplitWriters(tmp, settings["shard_size"])
     seen = 0
     try:
         for record, outcome in _results(records, settings["num_procs"], work):
             seen += 1
-            source_order.setdefault(record.source)
+            counts.source_order.setdefault(record.source)
             if seen % 1000 == 0:
                 log.info("%d images processed (%.0f/s)", seen, seen / (time.perf_counter() - start))
             if outcome[0] == "ok":
                 _, sha1, jpeg, original, size, fmt = outcome
-                if sha1 in first_key_of_hash:
-                    outcome = ("skip", "duplicate", f"same image as {first_key_of_hash[sha1]}")
+                if sha1 in counts.first_key_of_hash:
+                    outcome = ("skip", "duplicate", f"same image as {counts.first_key_of_hash[sha1]}")
             if outcome[0] == "skip":
                 _, reason, detail = outcome
-                skipped[reason] += 1
-                skipped_by_source[record.source][reason] += 1
-                if len(examples[reason]) < _EXAMPLES_PER_REASON:
-                    examples[reason].append(f"{record.meta.get('path') or record.image}: {detail}")
-                    log.debug("skipped %s (%s): %s", record.key, reason, detail)
+                counts.skip(record, reason, detail)
                 continue
-            first_key_of_hash[sha1] = record.key
-            key = base = _safe_key(record.key)
-            for n in itertools.count(2):  # keys must be unique or webdataset merges the samples
-                if key not in used_keys:
-                    break
-                key = f"{base}_{n}"
-            used_keys.add(key)
+            counts.first_key_of_hash[sha1] = record.key
+            key = counts.unique_key(record.key)
             split = "val" if hash_fraction(sha1) < settings["val_frac"] else "train"
             meta = {
                 **record.meta,
@@ -339,19 +354,25 @@ def _write_all(records: Iterable[Record], tmp: Path, settings: dict[str, Any]) -
                     "json": json.dumps(meta, ensure_ascii=False, sort_keys=True),
                 },
             )
-            per_source[record.source][split] += 1
+            counts.per_source[record.source][split] += 1
     finally:
         writers.close()
-    seconds = time.perf_counter() - start
+    return _stats(counts, seen, tmp, settings, time.perf_counter() - start)
+
+
+def _stats(counts: _Counts, seen: int, tmp: Path, settings: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """stats.json of a build whose shards are in tmp, from `seen` records; DataError when none could be
+    written."""
+    per_source, skipped, examples = counts.per_source, counts.skipped, counts.examples
     totals = Counter()
-    for counts in per_source.values():
-        totals.update(counts)
+    for source_counts in per_source.values():
+        totals.update(source_counts)
     if not totals:
         reasons = ", ".join(f"{r} {n}" for r, n in skipped.most_common()) or "the input was empty"
         hint = f" (e.g. {examples[skipped.most_common(1)[0][0]][0]})" if skipped else ""
         raise DataError(f"no image-text pairs could be written: {reasons}{hint}")
     files = {split: sorted(p.name for p in tmp.glob(f"{split}-*.tar")) for split in ("train", "val")}
-    sources = list(source_order)  # in input order
+    sources = list(counts.source_order)  # in input order
     return {
         "total": {
             "train": totals["train"],
@@ -363,7 +384,7 @@ def _write_all(records: Iterable[Record], tmp: Path, settings: dict[str, Any]) -
             s: {
                 "train": per_source[s]["train"],
                 "val": per_source[s]["val"],
-                "skipped": dict(skipped_by_source[s]),
+                "skipped": dict(counts.skipped_by_source[s]),
             }
             for s in sources
         },
@@ -384,21 +405,8 @@ def _brace_pattern(split: str, count: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The three inputs the `clip-data` command offers
+# The two inputs the `clip-data` command offers (its `demo` is clip_train/demo/build.py's)
 # ---------------------------------------------------------------------------------------------
-
-
-def write_demo(
-    out_dir: str | Path,
-    *,
-    sources: list[str] | tuple[str, ...] = ("tuxpaint", "emoji", "openclipart"),
-    emoji_package: str | Path | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Shards from the real demo sources (reference/offline-data.md)."""
-    return write_shards(
-        itertools.chain(*demo_records(sources, emoji_package=emoji_package)), out_dir, **kwargs
-    )
 
 
 def write_folder(src: str | Path, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from clip_train import distributed
 from clip_train.evaluate.metrics import classifier_weights
+from clip_train.models import cpu_tunings
 
 
 @dataclass
@@ -37,17 +38,14 @@ class EvalContext:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-# Images per image-tower call when eval.image_chunk is 0, by device type. On a CPU a convolutional
-# tower's activations for a few images stay in the cores' caches and for a batch of 64-128 they do
-# not: EfficientNet-Lite0 at 224 px runs ~3x more images per second in chunks of 8 than in one
-# batch of 128 on this 2-core Xeon (benchmarks/eval.py). A GPU wants the whole batch.
-AUTO_IMAGE_CHUNK = {"cpu": 8}
-
-
 def image_chunk_size(device: torch.device, configured: int = 0) -> int:
     """Images per image-tower forward in inference (evaluation and the train feature cache);
-    0 = the device's default (AUTO_IMAGE_CHUNK, else no chunking)."""
-    return configured if configured > 0 else AUTO_IMAGE_CHUNK.get(device.type, 1 << 30)
+    0 = the device's default: cpu_tunings.CPU_IMAGE_CHUNK where cpu_tunings.small_image_chunks
+    (a CPU: a few images' activations stay in the cores' caches), else no chunking (a GPU wants
+    the whole batch)."""
+    if configured > 0:
+        return configured
+    return cpu_tunings.CPU_IMAGE_CHUNK if cpu_tunings.small_image_chunks(device) else 1 << 30
 
 
 def in_chunks(
@@ -98,21 +96,23 @@ def encode_texts(model, tokenizer, texts: Sequence[str], ctx: EvalContext) -> to
 class InferenceTowers:
     """Per model version, an inference-only image tower: traced by TorchScript, frozen and
     optimised for inference, which folds BatchNorm into the convolutions and (on CPU) picks oneDNN
-    kernels. Same weights, same function to fp32 rounding (~1e-6 relative); for EfficientNet-Lite0 on this
-    CPU, in chunks of 8, ~1.25x the images per second of the eager tower (benchmarks/eval.py).
+    kernels. Same weights, same function to fp32 rounding (~1e-6 relative); what it buys:
+    docs/performance.md.
 
     Used in fp32 on the CPU only: tracing under autocast would bake one precision's casts in, and
     the gain is the CPU's (oneDNN kernels, measured there), not a GPU's, whose eager tower already
-    runs cuDNN's; so like the other CPU tunings it switches itself off elsewhere. A tower that
-    cannot be traced (data-dependent control flow) is used as it is. Rebuilt when the weights change
-    (about a second for EfficientNet-Lite0), held weakly by model like the classifier cache.
+    runs cuDNN's; so like the other CPU tunings it switches itself off elsewhere
+    (cpu_tunings.traced_eval_tower decides). A tower that cannot be traced (data-dependent control
+    flow) is used as it is. Rebuilt when the weights change, held weakly by model like the
+    classifier cache.
     """
 
     def __init__(self):
         self._store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def get(self, model, example: torch.Tensor, ctx: EvalContext) -> Callable[[torch.Tensor], torch.Tensor]:
-        if not ctx.jit_image_tower or ctx.precision != "fp32" or ctx.device.type != "cpu":
+        wanted = ctx.jit_image_tower and ctx.precision == "fp32"  # see above: fp32 only
+        if not wanted or not cpu_tunings.traced_eval_tower(ctx.device):
             return model.image_tower_features
         version = _parameters_version(model)
         cached = self._store.get(model)

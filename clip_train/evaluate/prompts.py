@@ -1,6 +1,6 @@
 """Prompt templates and class names for zero-shot classification.
 
-    load_templates([], "tuxpaint")          # the dataset's shipped set: assets/templates/tuxpaint.txt
+    load_templates([], "tuxpaint")          # the dataset's own set, as registered (demo/assets/templates/)
     load_templates("openai_imagenet", "x")  # the 80 ImageNet templates of the CLIP paper
     load_templates("my_prompts.txt", "x")   # a file, one template per line
     load_templates(["a {c}."], "x")         # used as given
@@ -10,22 +10,24 @@ and class-name files are UTF-8, one entry per line; blank lines and lines starti
 skipped in template files (so the shipped sets can say where they come from).
 
 Shipped template sets (clip_train/assets/templates/<name>.txt): `default` (the three templates of
-configs/demo.yaml), `openai_imagenet`, and one per named dataset (`fashion-mnist`, `tuxpaint`,
-`emoji`) written for what its images look like.
+configs/demo.yaml) and `openai_imagenet`. A dataset registered with templates
+(registry.register_dataset: the demo's `fashion-mnist`, `tuxpaint`, `emoji`, each written for what
+its images look like) has them as its own set, and as a set of its name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
-TEMPLATES_DIR = ASSETS_DIR / "templates"
-CLASSNAMES_DIR = ASSETS_DIR / "classnames"
+from clip_train.evaluate.registry import registered, registered_names
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "assets" / "templates"
 PLACEHOLDER = "{c}"
 
 
 def shipped_template_sets() -> list[str]:
-    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.txt"))
+    own = [name for name in registered_names() if registered(name).templates is not None]
+    return sorted({*(p.stem for p in TEMPLATES_DIR.glob("*.txt")), *own})
 
 
 def _shipped(name: str) -> Path | None:
@@ -68,11 +70,21 @@ def _read_templates(path: Path) -> list[str]:
     return templates
 
 
+def _dataset_templates(name: str) -> list[str] | None:
+    """The templates `name` was registered with, or None (not registered, or without templates)."""
+    entry = registered(name) if name else None
+    if entry is None or entry.templates is None:
+        return None
+    if isinstance(entry.templates, Path):
+        return _read_templates(entry.templates)
+    return [_check_template(t, f"{name} templates[{i}]") for i, t in enumerate(entry.templates)]
+
+
 def load_templates(spec: list[str] | tuple[str, ...] | str, dataset: str = "") -> list[str]:
     """The prompt templates for `dataset`, from `spec`:
 
     a non-empty list -> those templates; a shipped set's name or a file path -> its lines;
-    empty -> the dataset's own shipped set if there is one, else `default`.
+    empty -> the dataset's own set (as registered, else a shipped set of its name), else `default`.
     Raises ValueError (one line, naming the file and line) for a template without `{c}`.
     """
     if isinstance(spec, (list, tuple)):
@@ -81,10 +93,14 @@ def load_templates(spec: list[str] | tuple[str, ...] | str, dataset: str = "") -
         spec = ""
     spec = spec.strip()
     if not spec:
-        return _read_templates(_shipped(dataset) or TEMPLATES_DIR / "default.txt")
+        own = _dataset_templates(dataset)
+        return own or _read_templates(_shipped(dataset) or TEMPLATES_DIR / "default.txt")
     shipped = _shipped(spec)
     if shipped:
         return _read_templates(shipped)
+    own = _dataset_templates(spec)
+    if own:
+        return own
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ValueError(
@@ -119,18 +135,3 @@ def load_classnames(path: str | Path) -> list[str]:
             raise ValueError(f"{path}:{line_no} repeats class name {name!r} of line {first_line[name]}")
         first_line[name] = line_no
     return names
-
-
-def load_class_map(path: str | Path) -> dict[str, str]:
-    """A two-column TSV `source label<TAB>class name` (the shipped classnames/*.tsv); `#` lines
-    are comments. Several labels may map to one class name."""
-    path = Path(path)
-    mapping: dict[str, str] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        label, sep, name = line.partition("\t")
-        if not sep or not label.strip() or not name.strip():
-            raise ValueError(f"{path}:{line_no} is not `label<TAB>class name`")
-        mapping[label.strip()] = " ".join(name.split())
-    return mapping

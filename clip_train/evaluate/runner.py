@@ -30,8 +30,8 @@ import torch
 from clip_train import distributed
 from clip_train.config import ConfigError, EvalConfig, RetrievalTask, ZeroShotTask
 from clip_train.evaluate import datasets
-from clip_train.evaluate.datasets import LabelledImages, load_dataset, load_retrieval
-from clip_train.evaluate.encode import CLASSIFIER_CACHE, EvalContext, encode_images, encode_texts
+from clip_train.evaluate.datasets import LabelledImages, load_dataset
+from clip_train.evaluate.encode import EvalContext, encode_images, encode_texts
 from clip_train.evaluate.metrics import (
     classification_metrics,
     confusion_matrix,
@@ -39,9 +39,12 @@ from clip_train.evaluate.metrics import (
     retrieval_recall,
 )
 from clip_train.evaluate.probe import linear_probe
+from clip_train.evaluate.progress import EvalProgress
 from clip_train.evaluate.prompts import load_templates
+from clip_train.evaluate.registry import registered_names
+from clip_train.evaluate.retrieval_sets import load_retrieval
+from clip_train.evaluate.zeroshot import ZeroShotClassifier
 
-ZERO_SHOT_LOGIT_SCALE = 100.0  # fixed, as in CLIP / OpenCLIP / CLIP_benchmark zero-shot evaluation
 RECALL_KS = (1, 5, 10)
 
 
@@ -51,9 +54,8 @@ def zeroshot_classification(model, tokenizer, transform, task: ZeroShotTask, ctx
         templates = load_templates(task.templates or task.template_set, data.name)
     except ValueError as e:  # a template file the user wrote: a config error, reported in one line
         raise ConfigError(str(e)) from None
-    weights = CLASSIFIER_CACHE.get(model, tokenizer, data.classnames, templates, ctx)
-    image_emb = encode_images(model, data.image, len(data), transform, ctx)
-    logits = ZERO_SHOT_LOGIT_SCALE * image_emb @ weights.T
+    classifier = ZeroShotClassifier(model, tokenizer, data.classnames, templates, ctx=ctx)
+    logits = classifier.logits(encode_images(model, data.image, len(data), transform, ctx))
     labels = torch.tensor(data.labels)
     metrics = classification_metrics(logits, labels)
     if task.linear_probe_train:
@@ -68,12 +70,12 @@ def zeroshot_classification(model, tokenizer, transform, task: ZeroShotTask, ctx
 
 
 def _linear_probe(model, transform, task: ZeroShotTask, test: LabelledImages, ctx: EvalContext) -> dict:
-    if task.dataset != "fashion-mnist":
+    train = datasets.load_train_split(task.dataset)
+    if train is None:
         raise ConfigError(
-            f"linear_probe_train needs a training split; {task.dataset!r} has none here: "
-            "use it with fashion-mnist or set linear_probe_train=0"
+            f"linear_probe_train needs a training split; {task.dataset!r} has none: use a dataset "
+            f"registered with one ({', '.join(registered_names('train'))}) or set linear_probe_train=0"
         )
-    train = datasets.fashion_mnist(datasets.FASHION_MNIST_DIR, "train")
     keep = np.linspace(0, len(train) - 1, min(task.linear_probe_train, len(train))).round().astype(int)
     train_features = encode_images(
         model, lambda i: train.image(int(keep[i])), len(keep), transform, ctx, features=True
@@ -130,6 +132,7 @@ def run_evaluation(
         [Path("heldout")] * heldout  # the held-out pairs' historical name
         + [datasets.naming_path(t.dataset, retrieval=True) for t in cfg.retrieval_tasks]
     )
+    progress = EvalProgress(len(zeroshot_names) + len(retrieval_names), enabled=distributed.is_main())
     try:
         for task, name in zip(cfg.zeroshot, zeroshot_names, strict=True):
             _, metrics, extra = zeroshot_classification(model, tokenizer, transform, task, ctx)
@@ -143,6 +146,7 @@ def run_evaluation(
                     plot_confusion(
                         extra["confusion_matrix"], extra["classnames"], title, path.with_suffix(".png")
                     )
+            progress.task_done(name, extra["num_images"])
         for index, (task, name) in enumerate(zip(retrieval_tasks, retrieval_names, strict=True)):
             _, metrics, extra, ranks = image_text_retrieval(model, tokenizer, transform, task, ctx)
             # the held-out pairs keep their historical prefix "retrieval/"
@@ -154,7 +158,9 @@ def run_evaluation(
                     from clip_train.evaluate.plots import plot_recall_curves
 
                     plot_recall_curves(*ranks, f"{name}: recall@k", path.with_suffix(".png"))
+            progress.task_done(prefix, extra["num_images"])
     finally:
+        progress.close()
         model.train(was_training)
     flat["eval_seconds"] = time.perf_counter() - started
     return flat

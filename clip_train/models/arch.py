@@ -30,16 +30,18 @@ import tempfile
 from pathlib import Path
 
 from clip_train.config import ARCH_PREFIX, ConfigError, ImageTowerConfig, ModelConfig, check_arch
-from clip_train.models.openclip_import import (
+from clip_train.models.openclip_config import (
     CLIP_BPE_SIZE,
     OpenClipImportError,
     _check_config,
     _open_clip,
+    openclip_preprocess,
+    resolve_openclip_config,
+)
+from clip_train.models.openclip_convert import (
     check_timm_trunk,
     find_timm_vit,
     native_text_hf_config,
-    openclip_preprocess,
-    resolve_openclip_config,
     write_clip_tokenizer,
 )
 

@@ -23,15 +23,11 @@ from torch import nn
 
 from clip_train.config import ConfigError, ModelConfig, build_dataclass, concat_entry
 from clip_train.models.dropout import swap_dropout
+from clip_train.models.image_tower import build_image_tower
 from clip_train.models.pretrained import WeightsMismatchError
-from clip_train.models.towers import (
-    COMPILED_LENGTH_MULTIPLE,
-    TextTower,
-    build_image_tower,
-    build_text_tower,
-    build_tokenizer,
-    image_normalization,
-)
+from clip_train.models.text_tower import COMPILED_LENGTH_MULTIPLE, TextTower, build_text_tower
+from clip_train.models.tokenizer import build_tokenizer
+from clip_train.models.transforms import image_normalization
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -212,23 +208,6 @@ def load_tokenizer(folder: str | Path):
 
 # ----------------------------------------------------------------------------------------------
 # Starting a run from a saved model (model.init_from)
-
-
-def find_model_folder(path: str | Path) -> Path:
-    """The model folder inside what a user may point at: a model folder, a checkpoint (its model/)
-    or a run directory (its model/, else its newest checkpoint's)."""
-    path = Path(path)
-    candidates = [path, path / "model"]
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        candidates.append(path / "checkpoints" / latest.read_text().strip() / "model")
-    for folder in candidates:
-        if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"model.init_from={path} holds no saved model ({CONFIG_NAME} + {WEIGHTS_NAME}): pass a model "
-        "folder, a checkpoint or a run directory"
-    )
 
 
 def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig:

@@ -1,15 +1,14 @@
-"""Dropout that draws its mask with torch.rand on the CPU: the same distribution, half the time.
+"""Dropout that draws its mask with torch.rand on the CPU: the same distribution, a cheaper draw.
 
     swap_dropout(model)   # every nn.Dropout with p > 0 becomes a MaskDropout, in place
 
-Why: on the CPU, torch's dropout draws its mask with bernoulli_, which takes about 7 ns an element
-against about 3 for rand + compare (measured on this project's 2-core Xeon). In the text tower of the train
-benchmark (BERT 6 x 256, batch 64, 32 tokens) that is 13 dropout calls and ~25 ms of a 0.8 s step.
-Each element is still kept with probability 1 - p (rand is uniform on [0, 1) in steps of 2^-24) and
-scaled by 1 / (1 - p); the mask comes from torch's default generator, so runs stay reproducible
-under torch.manual_seed and activation checkpointing (which replays the CPU RNG state) recomputes
-the same masks. The masks differ from bernoulli_'s for the same seed. Other devices keep F.dropout:
-there it is one fused kernel.
+Why: on the CPU, torch's dropout draws its mask with bernoulli_, which costs more per element than
+rand + compare, and the text tower draws a mask over every activation of every layer (what it buys:
+docs/performance.md). Each element is still kept with probability 1 - p (rand is uniform on [0, 1)
+in steps of 2^-24) and scaled by 1 / (1 - p); the mask comes from torch's default generator, so runs
+stay reproducible under torch.manual_seed and activation checkpointing (which replays the CPU RNG
+state) recomputes the same masks. The masks differ from bernoulli_'s for the same seed. Other
+devices keep F.dropout (cpu_tunings.mask_dropout decides): there it is one fused kernel.
 """
 
 from __future__ import annotations
@@ -18,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_train.models import cpu_tunings
+
 
 class MaskDropout(nn.Dropout):
     """nn.Dropout whose CPU training path multiplies by a rand-drawn, pre-scaled mask."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.p >= 1.0:
+        if not self.training or self.p == 0.0 or not cpu_tunings.mask_dropout(x.device) or self.p >= 1.0:
             return F.dropout(x, self.p, self.training, self.inplace)
         # the float mask (0 or 1/(1-p)) is what autograd keeps for the backward: one multiply
         scale = torch.rand(x.shape, dtype=torch.float32).ge_(self.p).mul_(1.0 / (1.0 - self.p))

