@@ -249,8 +249,13 @@ def pipeline_cpu_seconds() -> float:
     return total
 
 
+def images_and_tokens(batch) -> tuple:
+    """clip_train's batches are pipeline.Batch, OpenCLIP's (images, tokens) tuples."""
+    return (batch.images, batch.tokens) if hasattr(batch, "images") else (batch[0], batch[1])
+
+
 def time_batches(loader, warmup: int, batches: int) -> dict:
-    """Pull `warmup` batches, then time `batches` more; the first two elements are (images, tokens)."""
+    """Pull `warmup` batches, then time `batches` more."""
     load = os.getloadavg()[0]  # how busy the machine was as this measurement began
     start = time.perf_counter()
     it = iter(loader)
@@ -262,7 +267,7 @@ def time_batches(loader, warmup: int, batches: int) -> dict:
     images = 0
     for _ in range(batches):
         batch = next(it)
-        images += batch[0].shape[0]
+        images += images_and_tokens(batch)[0].shape[0]
     seconds = time.perf_counter() - timed_start
     cpu = pipeline_cpu_seconds() - cpu_start
     return {
@@ -273,10 +278,10 @@ def time_batches(loader, warmup: int, batches: int) -> dict:
         "cpu_ms_per_image": 1000 * cpu / images,
         "first_batch_s": (first or timed_start) - start,  # worker start + shuffle buffer + one batch
         "load_average_1min": load,
-        "image_batch": list(batch[0].shape),
-        "image_dtype": str(batch[0].dtype).replace("torch.", ""),
-        "token_batch": list(batch[1].shape),
-        "token_dtype": str(batch[1].dtype).replace("torch.", ""),
+        "image_batch": list(images_and_tokens(batch)[0].shape),
+        "image_dtype": str(images_and_tokens(batch)[0].dtype).replace("torch.", ""),
+        "token_batch": list(images_and_tokens(batch)[1].shape),
+        "token_dtype": str(images_and_tokens(batch)[1].dtype).replace("torch.", ""),
     }
 
 
@@ -297,24 +302,15 @@ def draft_kwargs(api: str | None, on: bool, image_size: int) -> dict:
 def child_clip_train(opts) -> dict:
     import torch
 
+    from clip_train.config import DataConfig
     from clip_train.data.pipeline import build_train_loader
 
     transform, tokenizer, settings = clip_train_preprocessing(opts.model, opts.transform)
     api = draft_api(build_train_loader) if opts.draft != "absent" else None
     kwargs = draft_kwargs(api, opts.draft == "on", settings["image_size"])
     torch.manual_seed(opts.seed)
-    loader = build_train_loader(
-        opts.shards,
-        batch_size=opts.batch_size,
-        num_workers=opts.workers,
-        seed=opts.seed,
-        rank=0,
-        world_size=1,
-        transform=transform,
-        tokenize=tokenizer,
-        resampled=True,
-        **kwargs,
-    )
+    data = DataConfig(train_shards=opts.shards, batch_size=opts.batch_size, num_workers=opts.workers)
+    loader = build_train_loader(data, seed=opts.seed, transform=transform, tokenize=tokenizer, **kwargs)
     result = time_batches(loader, opts.warmup, opts.batches)
     return {
         **result,

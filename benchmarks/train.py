@@ -97,6 +97,7 @@ Run the full benchmark alone on the machine (e.g. under flock with other benchma
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -555,11 +556,10 @@ def child_profile(opts) -> dict:
     transform, _, _ = training_transforms(ours, cfg)
     normalize = batch_normalizer(ours.visual, cfg.model.image, reuse=1)
     loader = build_train_loader(
-        cfg.data.train_shards, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=0,
-        rank=0, world_size=1, transform=transform, tokenize=tokenizer, decode_size=cfg.model.image.image_size,
-    )  # fmt: skip
+        cfg.data, seed=0, transform=transform, tokenize=tokenizer, decode_size=cfg.model.image.image_size
+    )
     it = iter(loader)
-    batches = [next(it)[:2] for _ in range(opts.profile_steps + 1)]
+    batches = [(batch.images, batch.tokens) for batch in itertools.islice(it, opts.profile_steps + 1)]
     del it, loader  # stop the workers: the phases below have the cores to themselves
     real_lengths = [int(tokens.ne(tokenizer.pad_token_id).sum(1).max()) for _, tokens in batches]
 

@@ -71,3 +71,21 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
     for item in cuda_items:
         item.add_marker(skip)
+
+
+def train_loader(shards, *, defaults: dict, **kwargs):
+    """build_train_loader on `shards` (a shard spec, or a list of pipeline.Source to mix): keyword
+    arguments go to the loader itself (seed, rank, transform, ...) or, for data.* keys, into its
+    DataConfig; `defaults` are the calling test module's."""
+    from clip_train.config import DataConfig, DataSource
+    from clip_train.data.pipeline import build_train_loader
+
+    settings = {**defaults, **kwargs}
+    loader_keys = {"seed", "rank", "world_size", "transform", "tokenize", "decode_size", "skip_through"}
+    loader_args = {k: v for k, v in settings.items() if k in loader_keys}
+    data = {k: v for k, v in settings.items() if k not in loader_keys}
+    if isinstance(shards, str):
+        data["train_shards"] = shards
+    else:
+        data["sources"] = [DataSource(shards=s.shards, weight=s.weight, name=s.name) for s in shards]
+    return build_train_loader(DataConfig(**data), **loader_args)

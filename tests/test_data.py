@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import train_loader
 from PIL import Image
 
 from clip_train.cli import data_main as clip_data  # clip-data with its demo sub-command
 from clip_train.data import DataError
 from clip_train.data.pipeline import (
     build_eval_loader,
-    build_train_loader,
     expand_urls,
 )
 from clip_train.data.quality import DataErrors
@@ -102,11 +102,9 @@ def make_folder(root: Path, n: int = 20) -> dict[str, dict]:
 def read_all(spec: str) -> dict[str, tuple[str, torch.Tensor]]:
     """key -> (caption, image tensor at its stored size), through the eval loader."""
     out = {}
-    for images, tokens, captions, keys in build_eval_loader(
-        spec, batch_size=1, transform=native_transform, tokenize=tokenize
-    ):
-        assert detokenize(tokens[0]) == captions[0]
-        out[keys[0]] = (captions[0], images[0])
+    for batch in build_eval_loader(spec, batch_size=1, transform=native_transform, tokenize=tokenize):
+        assert detokenize(batch.tokens[0]) == batch.captions[0]
+        out[batch.keys[0]] = (batch.captions[0], batch.images[0])
     return out
 
 
@@ -301,19 +299,19 @@ def test_expand_urls(built, tmp_path):
 # ------------------------------------------------------------------------------ loaders
 
 
+LOADER_DEFAULTS = dict(
+    batch_size=4,
+    num_workers=0,
+    seed=0,
+    transform=small_transform,
+    tokenize=tokenize,
+    shard_shuffle=10,
+    sample_shuffle=8,
+)
+
+
 def _train_loader(shards: Path, **kwargs):
-    args = dict(
-        batch_size=4,
-        num_workers=0,
-        seed=0,
-        rank=0,
-        world_size=1,
-        transform=small_transform,
-        tokenize=tokenize,
-        shard_shuffle=10,
-        sample_shuffle=8,
-    )
-    return build_train_loader(str(shards), **{**args, **kwargs})
+    return train_loader(str(shards), defaults=LOADER_DEFAULTS, **kwargs)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -322,10 +320,14 @@ def test_train_loader_is_seeded(train_shards, num_workers):
         return list(itertools.islice(_train_loader(train_shards, seed=seed, num_workers=num_workers), 6))
 
     first, second, other = batches(1), batches(1), batches(2)
-    for (a_img, a_tok), (b_img, b_tok) in zip(first, second, strict=True):
-        assert a_img.shape == (4, 3, 16, 16) and a_tok.shape == (4, CONTEXT) and a_tok.dtype == torch.long
-        assert torch.equal(a_img, b_img) and torch.equal(a_tok, b_tok)
-    assert any(not torch.equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
+    for a, b in zip(first, second, strict=True):
+        assert (
+            a.images.shape == (4, 3, 16, 16)
+            and a.tokens.shape == (4, CONTEXT)
+            and a.tokens.dtype == torch.long
+        )
+        assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens) and a.keys == b.keys
+    assert any(not torch.equal(a.tokens, b.tokens) for a, b in zip(first, other, strict=True))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -335,7 +337,7 @@ def test_ranks_see_disjoint_shards_in_one_pass(train_shards, num_workers):
         loader = _train_loader(
             train_shards, rank=rank, world_size=2, resampled=False, batch_size=1, num_workers=num_workers
         )
-        seen.append([detokenize(tokens[0]) for _, tokens in loader])
+        seen.append([detokenize(batch.tokens[0]) for batch in loader])
     assert len(seen[0]) == len(seen[1]) == 20  # 8 shards of 5, 4 shards per rank
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == {f"caption {i:03d}" for i in range(40)}
@@ -362,8 +364,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers, caplog):
     _shard_with_bad_samples(tmp_path / "b.tar", "b")
     loader = _train_loader(tmp_path, resampled=False, batch_size=3, num_workers=num_workers)
     batches = list(loader)
-    assert all(images.shape == (3, 3, 16, 16) and tokens.shape == (3, CONTEXT) for images, tokens in batches)
-    captions = {detokenize(t) for _, tokens in batches for t in tokens}
+    assert all(b.images.shape == (3, 3, 16, 16) and b.tokens.shape == (3, CONTEXT) for b in batches)
+    captions = {detokenize(t) for batch in batches for t in batch.tokens}
     assert captions <= {f"good {tag} {i}" for tag in "ab" for i in range(7)}
     assert len(captions) == len(batches) * 3 >= 12  # 14 good samples, the partial batch dropped
     assert loader.data_errors.stats() == {  # counted across worker processes
@@ -388,12 +390,10 @@ def test_real_bugs_are_raised_not_counted_away():
 
 def test_eval_loader_keeps_every_sample_in_order(train_shards):
     def run():
-        return [
-            (keys, images)
-            for images, _, _, keys in build_eval_loader(
-                str(train_shards / "train-*.tar"), batch_size=6, transform=small_transform, tokenize=tokenize
-            )
-        ]
+        loader = build_eval_loader(
+            str(train_shards / "train-*.tar"), batch_size=6, transform=small_transform, tokenize=tokenize
+        )
+        return [(batch.keys, batch.images) for batch in loader]
 
     first, second = run(), run()
     keys = [k for batch, _ in first for k in batch]

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import train_loader
 from PIL import Image
 
 from clip_train.data import DataError
 from clip_train.data.pipeline import (
     Source,
-    build_train_loader,
     check_readers,
     in_worker_order,
 )
@@ -58,22 +58,20 @@ def good_shard(path: Path, tag: str, n: int = 10) -> None:
             sink.write({"__key__": f"{tag}{i:03d}", "jpg": encoded(img), "txt": f"{tag} {i}"})
 
 
+LOADER_DEFAULTS = dict(
+    batch_size=4,
+    num_workers=0,
+    seed=0,
+    transform=to_tensor,
+    tokenize=tokenize,
+    resampled=False,
+    shard_shuffle=1,
+    sample_shuffle=1,
+)
+
+
 def loader(shards, **kwargs):
-    args = dict(
-        batch_size=4,
-        num_workers=0,
-        seed=0,
-        rank=0,
-        world_size=1,
-        transform=to_tensor,
-        tokenize=tokenize,
-        resampled=False,
-        shard_shuffle=1,
-        sample_shuffle=1,
-        with_keys=True,
-    )
-    args.update(kwargs)
-    return build_train_loader(shards, **args)
+    return train_loader(shards, defaults=LOADER_DEFAULTS, **kwargs)
 
 
 # ------------------------------------------------------------------------------ bad data
@@ -125,12 +123,12 @@ def test_each_kind_of_bad_data_is_counted_by_reason_and_never_fatal(tmp_path, nu
     expected = bad_data_shards(tmp_path / "shards")
     run = loader(str(tmp_path / "shards"), batch_size=1, num_workers=num_workers, max_pixels=50_000)
     batches = list(run)
-    captions = {detokenize(tokens[0]) for _, tokens, *_ in batches}
+    captions = {detokenize(batch.tokens[0]) for batch in batches}
     good_from_truncated = {c for c in captions if c.startswith("t ")}
     assert captions - good_from_truncated == {"good", "grayscale", "cut-out", "palette"}
     assert 1 <= len(good_from_truncated) < 6  # the members before the cut are read
-    assert all(images.shape == (1, 3, 8, 8) for images, *_ in batches)
-    by_key = {keys[0].rsplit("/", 1)[1]: images[0] for images, _, _, keys, *_ in batches}
+    assert all(batch.images.shape == (1, 3, 8, 8) for batch in batches)
+    by_key = {batch.keys[0].rsplit("/", 1)[1]: batch.images[0] for batch in batches}
     assert torch.allclose(by_key["rgba"][:, 0, 0], torch.ones(3))  # transparency composited on white
     stats = run.data_errors.stats()  # counted across the worker processes
     assert {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("skipped/")} == expected
@@ -214,18 +212,18 @@ def test_a_loader_rebuilt_from_the_positions_continues_with_the_same_batches(
     )
     straight = list(itertools.islice(loader(str(tmp_path), **settings), 8))
     positions: dict[int, int] = {}
-    for *_, batch_positions in straight[:stop_after]:
-        for worker, n in batch_positions:
+    for batch in straight[:stop_after]:
+        for worker, n in batch.positions:
             positions[worker] = max(n, positions.get(worker, 0))
-    next_worker = (straight[stop_after - 1][5][0][0] + 1) % max(num_workers, 1)
+    next_worker = (straight[stop_after - 1].positions[0][0] + 1) % max(num_workers, 1)
     resumed = in_worker_order(
         iter(loader(str(tmp_path), skip_through=positions, **settings)),
         num_workers=num_workers,
         first_worker=next_worker,
     )
     for want, got in zip(straight[stop_after:], resumed, strict=False):
-        assert want[3] == got[3]  # the same samples, in the same order
-        assert torch.equal(want[0], got[0])  # augmented the same way
+        assert want.keys == got.keys  # the same samples, in the same order
+        assert torch.equal(want.images, got.images)  # augmented the same way
     if num_workers == 2:
         assert len(positions) == 2 and next_worker == stop_after % 2
 
@@ -238,8 +236,8 @@ def test_sources_are_mixed_by_weight_and_tagged(tmp_path):
     good_shard(tmp_path / "b.tar", "b", n=20)
     sources = [Source("big", str(tmp_path / "a.tar"), 3.0), Source("small", str(tmp_path / "b.tar"), 1.0)]
     counts = collections.Counter()
-    for _, tokens, _, keys, names, _ in itertools.islice(loader(sources, resampled=True, batch_size=8), 250):
-        for t, key, name in zip(tokens, keys, names, strict=True):
+    for batch in itertools.islice(loader(sources, resampled=True, batch_size=8), 250):
+        for t, key, name in zip(batch.tokens, batch.keys, batch.sources, strict=True):
             assert detokenize(t)[0] == {"big": "a", "small": "b"}[name]  # the tag is the sample's source
             assert Path(key).parent.name == ("a.tar" if name == "big" else "b.tar")
             counts[name] += 1
@@ -254,7 +252,7 @@ def test_a_mix_is_a_pure_function_of_the_seed(tmp_path):
 
     def keys(seed, workers):
         run = loader(sources, resampled=True, seed=seed, num_workers=workers, sample_shuffle=5)
-        return [k for _, _, _, ks, *_ in itertools.islice(run, 12) for k in ks]
+        return [k for batch in itertools.islice(run, 12) for k in batch.keys]
 
     assert keys(1, 0) == keys(1, 0) and keys(1, 2) == keys(1, 2)
     assert keys(1, 0) != keys(2, 0)
@@ -272,14 +270,14 @@ def test_an_empty_source_is_an_error_not_a_hang(tmp_path):
 
 def test_pipe_and_fsspec_urls(tmp_path):
     good_shard(tmp_path / "a.tar", "a", n=8)
-    via_pipe = [k for _, _, _, ks, *_ in loader(f"pipe:cat {tmp_path}/a.tar") for k in ks]
+    via_pipe = [k for batch in loader(f"pipe:cat {tmp_path}/a.tar") for k in batch.keys]
     assert [k.rsplit("/", 1)[1] for k in via_pipe] == [f"a{i:03d}" for i in range(8)]
     assert via_pipe[0].startswith("pipe:cat ")
 
     fsspec = pytest.importorskip("fsspec")
     with fsspec.open("memory://shards/a.tar", "wb") as f:
         f.write((tmp_path / "a.tar").read_bytes())
-    via_memory = [k for _, _, _, ks, *_ in loader("memory://shards/a.tar") for k in ks]
+    via_memory = [k for batch in loader("memory://shards/a.tar") for k in batch.keys]
     assert [k.rsplit("/", 1)[1] for k in via_memory] == [f"a{i:03d}" for i in range(8)]
 
 
@@ -314,4 +312,4 @@ def test_jpeg_draft_decoding_never_goes_below_the_requested_size(tmp_path):
         iter(loader(str(tmp_path / "big.tar"), batch_size=1, transform=record_size, decode_size=224))
     )
     assert sizes == {0: (1024, 768), 1: (512, 384)}  # 1/4 would give 192 rows, under 224
-    assert torch.allclose(full[0], draft[0], atol=0.05)  # the same picture
+    assert torch.allclose(full.images, draft.images, atol=0.05)  # the same picture

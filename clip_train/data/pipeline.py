@@ -1,8 +1,8 @@
 """The webdataset input pipeline: shard list -> (images, tokens) batches, for training and evaluation.
 
-    loader = build_train_loader("shards/demo", batch_size=64, num_workers=2, seed=0, rank=0,
-                                world_size=1, transform=train_transform, tokenize=tokenizer)
-    images, tokens = next(iter(loader))
+    loader = build_train_loader(DataConfig(train_shards="shards/demo", batch_size=64), seed=0,
+                                transform=train_transform, tokenize=tokenizer)
+    batch = next(iter(loader))   # a Batch: batch.images, batch.tokens, batch.keys, ...
 
 Training, resampled (the default): every rank and worker draws shards with replacement from its own
 seeded stream, so the data never runs out and training is counted in steps. Not resampled: one pass,
@@ -28,7 +28,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from braceexpand import braceexpand  # webdataset's own dependency for {000..009
 from PIL import Image
 
 from clip_train import preemption
+from clip_train.config import DataConfig
 from clip_train.data import DataError
 from clip_train.data.pipeline_stages import (
     SOURCE_FIELD,
@@ -117,28 +118,32 @@ def expand_urls(spec: str, *, split: str | None = None) -> list[str]:
 
 
 @dataclass
-class TrainBatch:
-    """One training batch: images [B,3,H,W] (uint8 from the workers, float once normalised), token
-    ids [B,L], and per sample its caption, its key (prefixed with its shard URL), the source it came
-    from and where in its loader worker's stream it was: (worker, n), the n-th raw sample."""
+class Batch:
+    """One batch: images [B,3,H,W] (uint8 from the training workers, float once normalised), token
+    ids [B,L], and per sample its caption and key. Training batches also carry, per sample, the
+    source it came from and where in its loader worker's stream it was: (worker, n), the n-th raw
+    sample (what a resume skips through); their keys are prefixed with the shard URL."""
 
     images: torch.Tensor
     tokens: torch.Tensor
     captions: list[str]
     keys: list[str]
-    sources: list[str]
-    positions: list[tuple[int, int]]
-
-    @classmethod
-    def from_tuple(cls, batch: tuple) -> TrainBatch:
-        return cls(*batch)
+    sources: list[str] = field(default_factory=list)
+    positions: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _collate(samples: list[tuple]) -> tuple:
+def _collate(samples: list[tuple]) -> Batch:
     images = torch.stack([s[0] for s in samples])
     tokens = torch.stack([s[1] for s in samples])
     # then one list per meta field: captions, keys (and, in training, sources, stream positions)
-    return (images, tokens, *[list(field) for field in zip(*(s[2:] for s in samples), strict=True)])
+    return Batch(images, tokens, *[list(meta) for meta in zip(*(s[2:] for s in samples), strict=True)])
+
+
+def config_sources(data: DataConfig) -> list[Source]:
+    """The training sources a data config names: its data.sources, else data.train_shards alone."""
+    if data.sources:
+        return [Source(s.name, s.shards, s.weight) for s in data.sources]
+    return [Source("train", data.train_shards)]
 
 
 def _loader(stages: list, num_workers: int, errors: DataErrors) -> torch.utils.data.DataLoader:
@@ -275,30 +280,20 @@ _register_fsspec_schemes()
 
 
 def build_train_loader(
-    shards: str | Sequence[Source],
+    data: DataConfig,
     *,
-    batch_size: int,
-    num_workers: int,
     seed: int,
-    rank: int,
-    world_size: int,
     transform: Callable[[Image.Image], torch.Tensor],
     tokenize: Callable[[str], torch.Tensor],
-    resampled: bool = True,
-    shard_shuffle: int = 100,
-    sample_shuffle: int = 1000,
-    image_key: str = "jpg;png;webp;jpeg",
-    text_key: str = "txt",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    with_keys: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
     decode_size: int | None = None,
     skip_through: dict[int, int] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of `(images [B,3,H,W], tokens [B,L])` batches of exactly `batch_size`
-    (with_keys: `(images, tokens, captions, keys, sources, positions)`, each key prefixed with its
-    shard URL, each position `(worker, n)`: the sample was the n-th raw sample of that worker).
+    """A DataLoader of training `Batch`es of exactly data.batch_size, each key prefixed with its
+    shard URL, each position `(worker, n)`: the sample was the n-th raw sample of that worker.
 
-    `shards` is one shard spec (see expand_urls) or several `Source`s mixed by weight (resampled
+    The shards are data.train_shards (see expand_urls) or data.sources mixed by weight (resampled
     only). Resampled: endless (call next() per step). Not resampled: one pass over this rank's
     shards; build a new loader with another seed for the next pass (the shard order follows it).
     `decode_size`: decode JPEGs at reduced scale, never below this many pixels a side (draft mode).
@@ -307,7 +302,8 @@ def build_train_loader(
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
-    sources = [Source("train", shards)] if isinstance(shards, str) else list(shards)
+    sources = config_sources(data)
+    num_workers, resampled = data.num_workers, data.resampled
     check_readers(sources, world_size=world_size, num_workers=num_workers, resampled=resampled)
     expanded = [(s.name, expand_urls(s.shards, split="train"), s.weight) for s in sources]
     errors = DataErrors([url for _, urls, _ in expanded for url in urls])
@@ -316,38 +312,39 @@ def build_train_loader(
         stages: list = [_ResampledMix(expanded, seed=seed, rank=rank, handler=errors)]
     else:
         stages = [wds.SimpleShardList(expanded[0][1])]
-        if shard_shuffle > 1:
+        if data.shard_shuffle > 1:
             # seeded by `seed` alone: every rank and worker must see the same order for the
             # round-robin split below to stay disjoint
-            stages.append(wds.shuffle(shard_shuffle, initial=shard_shuffle, seed=_seed("order", seed)))
+            order = _seed("order", seed)
+            stages.append(wds.shuffle(data.shard_shuffle, initial=data.shard_shuffle, seed=order))
         stages += [
             partial(_split_by_rank, rank=rank, world_size=world_size),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=errors),
             partial(_tag_source, name=sources[0].name),
         ]
-    if sample_shuffle > 1:  # shuffle the raw bytes, before the expensive decode
-        stages.append(partial(_shuffle_samples, bufsize=sample_shuffle, seed=seed, rank=rank))
+    if data.sample_shuffle > 1:  # shuffle the raw bytes, before the expensive decode
+        stages.append(partial(_shuffle_samples, bufsize=data.sample_shuffle, seed=seed, rank=rank))
     prepare = _Prepare(
-        image_key=image_key,
-        text_key=text_key,
+        image_key=data.image_key,
+        text_key=data.text_key,
         transform=transform,
         tokenize=tokenize,
-        max_pixels=max_pixels,
+        max_pixels=data.max_pixels,
         errors=errors,
-        with_meta="url_key" if with_keys else False,
+        with_meta="url_key",
         augment_seed=(seed, rank),
         decode_size=decode_size,
         skip_through=skip_through,
     )
     stages += [
         wds.map(prepare, handler=errors),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
+        wds.batched(data.batch_size, collation_fn=_collate, partial=False),
     ]
     return _loader(stages, num_workers, errors)
 
 
-def in_worker_order(batches: Iterable[tuple], *, num_workers: int, first_worker: int) -> Iterator[tuple]:
+def in_worker_order(batches: Iterable[Batch], *, num_workers: int, first_worker: int) -> Iterator[Batch]:
     """Training batches (with positions) in the order an uninterrupted loader would give them.
 
     DataLoader takes batches from its workers in turn, always starting with worker 0. A loader
@@ -360,7 +357,7 @@ def in_worker_order(batches: Iterable[tuple], *, num_workers: int, first_worker:
     waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)
     expected = first_worker % num_workers
     for batch in batches:
-        waiting[batch[5][0][0]].append(batch)
+        waiting[batch.positions[0][0]].append(batch)
         while waiting[expected]:
             yield waiting[expected].popleft()
             expected = (expected + 1) % num_workers
@@ -384,7 +381,7 @@ def build_eval_loader(
     text_key: str = "txt",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of `(images, tokens, captions, keys)` over every sample once, in a fixed order
+    """A DataLoader of `Batch`es (images, tokens, captions, keys) over every sample once, in a fixed order
     (shards in order, dealt to ranks then workers; no shuffle; the last batch may be smaller)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")

@@ -118,8 +118,6 @@ class _Prepare:
         if tokens.dim() == 2 and tokens.shape[0] == 1:  # tokenizers that return [1, L] for one text
             tokens = tokens[0]
         self.errors.ok(url)
-        if not self.with_meta:
-            return pixels, tokens
         if self.with_meta == "url_key":  # training: keys unique across shard sets, the source, and
             # where in this worker's stream the sample was (what a resume skips through)
             where_in_stream = (_worker_id(), self.position)

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from clip_train.config import ConfigError, RunConfig, check_run_dir, validate
-from clip_train.data.pipeline import check_readers, expand_urls
+from clip_train.data.pipeline import check_readers, config_sources, expand_urls
 from clip_train.flops import FlopMetrics, count_training_flops
 from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.arch import arch_model_config
@@ -22,7 +22,6 @@ from clip_train.models.clip import ClipModel, config_from_saved, load_saved_weig
 from clip_train.models.transforms import build_image_transforms
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.paths import resolve_model_folder
-from clip_train.train.data_stream import train_sources
 
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -34,7 +33,7 @@ def check_before_start(cfg: RunConfig) -> None:
     validate(cfg)
     # Missing shards, or readers left without a shard (WORLD_SIZE: set by torchrun / accelerate
     # launch before we start).
-    sources = train_sources(cfg.data)
+    sources = config_sources(cfg.data)
     for source in sources:
         expand_urls(source.shards, split="train")
     check_readers(

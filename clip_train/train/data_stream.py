@@ -21,15 +21,9 @@ import torch
 from clip_train.accumulation import capture_rng, restore_rng
 from clip_train.config import DataConfig
 from clip_train.data import DataError
-from clip_train.data.pipeline import Source, TrainBatch, build_train_loader, in_worker_order
+from clip_train.data.pipeline import Batch, build_train_loader, config_sources, in_worker_order
 from clip_train.data.quality import SKIP_REASONS, DataCounts, SkipRateGuard, add_shard_counts
 from clip_train.train.state import StreamState
-
-
-def train_sources(data: DataConfig) -> list[Source]:
-    if data.sources:
-        return [Source(s.name, s.shards, s.weight) for s in data.sources]
-    return [Source("train", data.train_shards)]
 
 
 def segment_seed(seed: int, segment: int, data_pass: int) -> int:
@@ -57,7 +51,7 @@ class DataStream:
         self.data, self.state, self.seed, self.segment_len = data, state, seed, segment_len
         self.rank, self.world_size = rank, world_size
         self.transform, self.tokenize, self.decode_size = transform, tokenize, decode_size
-        self.sources = train_sources(data)
+        self.sources = config_sources(data)
         self.counts = DataCounts([source.name for source in self.sources])
         self.skip_guard = SkipRateGuard(data.max_skip_frac, data.skip_window, skip_history)
         self.loader = None
@@ -66,23 +60,13 @@ class DataStream:
 
     def _build_loader(self, step: int, skip_through: dict[int, int] | None = None):
         self.counts.retire(self.loader)
-        data = self.data
         return build_train_loader(
-            self.sources,
-            batch_size=data.batch_size,
-            num_workers=data.num_workers,
+            self.data,
             seed=segment_seed(self.seed, step // self.segment_len, self.state.data_pass),
             rank=self.rank,
             world_size=self.world_size,
             transform=self.transform,
             tokenize=self.tokenize,
-            resampled=data.resampled,
-            shard_shuffle=data.shard_shuffle,
-            sample_shuffle=data.sample_shuffle,
-            image_key=data.image_key,
-            text_key=data.text_key,
-            max_pixels=data.max_pixels,
-            with_keys=True,  # sample keys: the feature cache, and the log of skipped steps
             decode_size=self.decode_size,
             skip_through=skip_through,
         )
@@ -128,10 +112,10 @@ class DataStream:
                 ) from None
             return batch
 
-    def next_batch(self, step: int, device: torch.device, normalize: Callable) -> TrainBatch:
+    def next_batch(self, step: int, device: torch.device, normalize: Callable) -> Batch:
         """The next batch, images normalised on `device`; `step` is the last finished step."""
         fetch_start = time.perf_counter()
-        batch = TrainBatch.from_tuple(self._next_raw(step))
+        batch = self._next_raw(step)
         self.wait_s += time.perf_counter() - fetch_start
         batch.images = normalize(batch.images.to(device))
         batch.tokens = batch.tokens.to(device)

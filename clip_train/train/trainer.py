@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from clip_train import preemption
 from clip_train.accumulation import batch_statistics_layers
 from clip_train.config import RunConfig, save_config, to_dict
+from clip_train.data.pipeline import config_sources
 from clip_train.distributed import any_rank, sum_over_ranks
 from clip_train.evaluate.encode import image_chunk_size
 from clip_train.evaluate.runner import run_evaluation
@@ -37,7 +38,7 @@ from clip_train.train.build import (
     training_transforms,
 )
 from clip_train.train.checkpointing import CheckpointManager, run_fingerprint
-from clip_train.train.data_stream import DataStream, train_sources
+from clip_train.train.data_stream import DataStream
 from clip_train.train.feature_cache import ImageFeatureCache
 from clip_train.train.finish import run_wise_ft
 from clip_train.train.hooks import TrainHooks
@@ -70,7 +71,7 @@ class Trainer:
         self.accelerator = accelerator = build_accelerator(cfg)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.init_folder = resolve_model_config(cfg)
-        self.sources = train_sources(cfg.data)
+        self.sources = config_sources(cfg.data)
         # refuses an incompatible resume before anything heavy is built
         self.checkpoints = CheckpointManager(cfg, accelerator, run_fingerprint(cfg, self.sources, self.world))
         self._build_parts()
