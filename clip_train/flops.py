@@ -33,7 +33,9 @@ of train.cache_image_features (a cached locked tower is still counted as one for
 These are model FLOPs in the sense of MFU (PaLM, Chowdhery et al. 2022): what the model needs,
 not what the hardware happened to execute.
 
-The count runs in eval mode (dropout off: FLOP counts do not depend on it) with the RNG state
+The count runs in eval mode (dropout off: FLOP counts do not depend on it), except for patch
+dropout (model.image.patch_dropout), whose dropped tokens a training step never computes, with the
+RNG state
 restored and gradients returned rather than accumulated, so it leaves the model, its BatchNorm
 statistics, its .grad fields and the random streams exactly as they were.
 """
@@ -44,6 +46,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+from timm.layers import PatchDropout
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_train.models.clip import ClipModel
@@ -150,6 +153,9 @@ def count_training_flops(model: ClipModel) -> TrainingFlops:
     tokens = torch.full((1, model.cfg.text.context_length), (pad + 1) % vocab, device=device)
     was_training = model.training
     model.eval()
+    for module in model.modules():
+        if isinstance(module, PatchDropout):  # the tokens it drops are work a training step never does
+            module.train()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
             with _counter() as counter:

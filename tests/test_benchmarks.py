@@ -158,3 +158,21 @@ def test_gpu_benchmark_dry_mode_runs_every_stage_on_the_cpu(tmp_path):
     # the report: every goal is stated, reached or not
     assert set(result["goals"]) >= {"train_ratio_reached", "b16_mfu_reached", "loss_1m_reached"}
     assert "goals: training >= 1.3x OpenCLIP" in done.stdout and "zero-shot evaluation" in done.stdout
+
+
+def test_patch_dropout_benchmark_quick_mode_times_each_rate_against_rate_zero(tmp_path):
+    out = tmp_path / "patch_dropout.json"
+    done = _run("patch_dropout.py", "--quick", "--rates", "0,0.5", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["patch_dropout"] for r in result["rows"]] == [0.0, 0.5]
+    reference = result["rows"][0]
+    assert reference["train_speedup"] == reference["image_tower_speedup"] == 1.0
+    assert all(r["train_samples_per_s"] > 0 and r["image_tower_samples_per_s"] > 0 for r in result["rows"])
+    assert result["meta"]["timm_model"] == "bench_vit_p16_2x64" and "speed-up" in done.stdout
+
+
+def test_patch_dropout_benchmark_refuses_a_rate_of_one(tmp_path):
+    done = _run("patch_dropout.py", "--quick", "--rates", "0,1", "--out", str(tmp_path / "x.json"))
+    assert done.returncode == 2 and "each rate must be in [0, 1)" in done.stderr
+    assert not (tmp_path / "x.json").exists()

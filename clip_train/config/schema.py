@@ -60,6 +60,11 @@ class ImageTowerConfig:
     # frozen, BatchNorm included, so they cost only their forward pass (once per image with
     # train.cache_image_features).
     concat: list[str] = field(default_factory=list)
+    # Patch dropout (FLIP): drop this fraction of a ViT's patch tokens, a random subset per image,
+    # after the position embeddings and before the blocks, during training only; evaluation sees
+    # every token. ViT-style timm towers only (timm's patch_drop_rate). Like the locks it is a
+    # training setting: a fine-tuning run takes it from its own config, not the saved model's.
+    patch_dropout: float = _range(0.0, 0, 1, below=True)
 
 
 def concat_entry(spec: str) -> tuple[str, str]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
+from clip_train.atomic import replace_text
 from clip_train.demo.sources import DEMO_SOURCES, demo_records
+from clip_train.demo.versions import demo_data_versions
 
 
 def add_demo_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -46,10 +49,13 @@ def write_demo(
     emoji_package: str | Path | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Shards from the real demo sources (reference/offline-data.md)."""
+    """Shards from the real demo sources (reference/offline-data.md); their stats.json also records
+    the versions of the packages they came from (demo/versions.py)."""
     # the writer imports PIL and webdataset (and so torch): only once the arguments are good
     from clip_train.data.shards import write_shards
 
-    return write_shards(
-        itertools.chain(*demo_records(sources, emoji_package=emoji_package)), out_dir, **kwargs
-    )
+    records = itertools.chain(*demo_records(sources, emoji_package=emoji_package))
+    stats = write_shards(records, out_dir, **kwargs)
+    stats["data_versions"] = demo_data_versions(list(sources), emoji_package)
+    replace_text(Path(out_dir) / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return stats

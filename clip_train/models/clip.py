@@ -212,7 +212,8 @@ def load_tokenizer(folder: str | Path):
 
 def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig:
     """The saved model's architecture, with what trains (locks, unlocked layers, frozen BatchNorm
-    statistics, the logit-scale cap, the memory layout) taken from `trainable`, the run's config."""
+    statistics, patch dropout, the logit-scale cap, the memory layout) taken from `trainable`, the
+    run's config."""
     saved = load_model_config(folder)
     image = dataclasses.replace(
         saved.image,
@@ -220,6 +221,7 @@ def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig
         unlocked_groups=trainable.image.unlocked_groups,
         freeze_bn_stats=trainable.image.freeze_bn_stats,
         channels_last=trainable.image.channels_last,
+        patch_dropout=trainable.image.patch_dropout,
     )
     text = dataclasses.replace(
         saved.text, lock=trainable.text.lock, unlocked_layers=trainable.text.unlocked_layers

@@ -13,7 +13,7 @@ import difflib
 
 import timm
 import torch
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import PatchDropout, freeze_batch_norm_2d
 from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
 
@@ -46,6 +46,7 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
             unlocked_groups=0,
             freeze_bn_stats=True,
             concat=[],
+            patch_dropout=0.0,  # locked feature extractors: their features stay those of the whole image
         )
         try:
             _check_same_normalisation(main_normalisation, extra_cfg)
@@ -105,11 +106,31 @@ def _build_timm_tower(cfg: ImageTowerConfig) -> nn.Module:
     if pcfg is not None and pcfg.fixed_input_size:
         # ViT-style models size their position embeddings at build time; CNNs take any size
         kwargs["img_size"] = cfg.image_size
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    model = _create_timm_model(cfg, kwargs)
     if cfg.pretrained:
         load_image_weights(model, resolve_image_weights(cfg.pretrained), cfg.weights_remap)
     if cfg.lock:
         model = lock_image_tower(model, cfg.unlocked_groups, cfg.freeze_bn_stats)
+    return model
+
+
+def _create_timm_model(cfg: ImageTowerConfig, kwargs: dict) -> nn.Module:
+    if cfg.patch_dropout == 0:
+        return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    refused = ConfigError(
+        f"model.image.patch_dropout={cfg.patch_dropout} needs a ViT-style timm tower (one built with "
+        f"patch_drop_rate); {cfg.name} has no patch tokens to drop: set model.image.patch_dropout=0"
+    )
+    try:
+        model = timm.create_model(
+            cfg.name, pretrained=False, num_classes=0, patch_drop_rate=cfg.patch_dropout, **kwargs
+        )
+    except TypeError as e:  # the model's constructor has no such argument
+        if "patch_drop_rate" not in str(e):
+            raise
+        raise refused from None
+    if not any(isinstance(m, PatchDropout) for m in model.modules()):  # took it and ignored it
+        raise refused
     return model
 
 
