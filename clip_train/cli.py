@@ -176,7 +176,7 @@ def _evaluate(args) -> int:
     out = Path(args.out) if args.out else model_dir.parent / "eval" / "clip-eval"
     metrics = run_evaluation(
         model, tokenizer, eval_transform, eval_cfg, val_shards, accelerator.device, precision, out_dir=out,
-        model_name=str(args.target),
+        model_name=str(args.target), val_captions=run_cfg.data.captions if run_cfg else "whole",
     )  # fmt: skip
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(metrics, indent=1))

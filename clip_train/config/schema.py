@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MISSING = "???"  # a required value that a YAML file or an override must fill in
+CAPTION_SOURCES = ("whole", "txt-lines", "first-line")  # data.captions, besides json:<field>
+CAPTION_JSON = "json:"
+CAPTION_SAMPLING = ("uniform", "weighted", "first")
 
 
 class ConfigError(ValueError):
@@ -145,6 +148,14 @@ class DataConfig:
     sample_shuffle: int = _range(1000, 0)  # buffer of the seeded sample shuffle
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
+    # Where a sample's captions are (docs/data.md, "Several captions per image"): "whole" (the text
+    # member is one caption, line breaks read as spaces: what shards have always meant),
+    # "txt-lines" (each non-empty line is a caption), "first-line", or "json:<field>" (that field
+    # of the json member: a caption, a list of captions, or a list of {text, weight}).
+    captions: str = "whole"
+    # Which caption a visit of a sample with several reads, drawn from the run's seed (a resume
+    # draws the same): uniform, weighted (by the json weights; needs captions=json:<field>), first.
+    caption_sampling: str = _choice("uniform", *CAPTION_SAMPLING)
     max_pixels: int = _range(50_000_000, 1)  # decompression-bomb guard
     # Bad samples are skipped and counted; when more than this fraction of the last skip_window
     # samples read (all loader workers and ranks together, across checkpoint segments) were bad,
@@ -208,6 +219,9 @@ class RetrievalTask:
     limit: int = _range(0, 0)  # first N images (0 = all)
     image_col: str = "image"  # manifest columns
     caption_col: str = "caption"
+    # Shards: where each sample's captions are, as data.captions ("whole" reads every txt line,
+    # as retrieval always has); every caption of an image is evaluated.
+    captions: str = "txt-lines"
 
 
 @dataclass

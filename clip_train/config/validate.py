@@ -13,6 +13,8 @@ from pathlib import Path
 from clip_train.config.schema import (
     ARCH_PREFIX,
     ARCHITECTURES,
+    CAPTION_JSON,
+    CAPTION_SOURCES,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -28,6 +30,15 @@ FULLY_LOCKED_IMAGE = (
 def validate(cfg: RunConfig) -> None:
     """Every rule between keys of a run config; raises ConfigError naming the keys and the fix."""
     check_data_sources(cfg.data)
+    check_captions(cfg.data.captions, "data.captions")
+    for i, task in enumerate(cfg.eval.retrieval_tasks):
+        check_captions(task.captions, f"eval.retrieval_tasks[{i}].captions")
+    if cfg.data.caption_sampling == "weighted" and not cfg.data.captions.startswith(CAPTION_JSON):
+        raise ConfigError(
+            f"data.caption_sampling=weighted needs caption weights, which only a json member holds: "
+            f"set data.captions=json:<field> (a list of {{text, weight}}) or data.caption_sampling=uniform, "
+            f"not data.captions={cfg.data.captions}"
+        )
     if cfg.data.crop_scale_min > cfg.data.crop_scale_max:
         raise ConfigError(
             f"data.crop_scale_min={cfg.data.crop_scale_min} is above data.crop_scale_max="
@@ -82,6 +93,18 @@ def _check_feature_cache(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.cache_image_features needs a fully locked image tower: set {FULLY_LOCKED_IMAGE}"
         )
+
+
+def check_captions(spec: str, key: str) -> None:
+    """A caption source: one of CAPTION_SOURCES or json:<field> with a field named."""
+    if spec in CAPTION_SOURCES or (spec.startswith(CAPTION_JSON) and spec[len(CAPTION_JSON) :].strip()):
+        return
+    close = difflib.get_close_matches(spec, CAPTION_SOURCES, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(
+        f"{key}={spec!r} is not a caption source: {hint}choose one of {', '.join(CAPTION_SOURCES)} "
+        "or json:<field> (e.g. json:captions)"
+    )
 
 
 def check_data_sources(data: DataConfig) -> None:

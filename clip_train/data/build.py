@@ -64,6 +64,13 @@ def _parser(extra: Sequence[AddCommand] = ()) -> argparse.ArgumentParser:
         "--category-col", default="", help="optional column stored as the sample's json category (a class)"
     )
     manifest.add_argument(
+        "--caption-sep",
+        default="",
+        metavar="TEXT",
+        help="split each caption cell at TEXT into several captions of its image (e.g. '|'); rows of "
+        "the same image and JSONL lists give several captions too",
+    )
+    manifest.add_argument(
         "--sep",
         default="auto",
         help="auto (JSONL by extension or a JSON first line, else the separator that splits the header "
@@ -123,6 +130,11 @@ def _summary(stats: dict[str, Any], out: Path) -> str:
     lines = [f"{r[0]:<14}{r[1]:>8}{r[2]:>8}{r[3]:>9}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if stats.get("several_captions"):
+        lines.append(
+            f"{stats['several_captions']} images have several captions (txt lines, json captions): "
+            "train with data.captions=txt-lines or data.captions=json:captions"
+        )
     if stats["skipped"]:
         lines.append("skipped: " + ", ".join(f"{reason} {n}" for reason, n in stats["skipped"].items()))
     shards = stats["shards"]
@@ -171,6 +183,7 @@ def main(argv: list[str] | None = None, commands: Sequence[AddCommand] = ()) -> 
                 caption_col=args.caption_col,
                 sep=args.sep,
                 category_col=args.category_col,
+                caption_sep=args.caption_sep,
                 **settings,
             )
     except (DataError, OSError) as e:  # OSError: an --out folder we may not write to, a full disk

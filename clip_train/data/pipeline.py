@@ -41,6 +41,7 @@ from PIL import Image
 from clip_train import preemption
 from clip_train.config import DataConfig
 from clip_train.data import DataError
+from clip_train.data.captions import CaptionReader
 from clip_train.data.pipeline_stages import (
     SOURCE_FIELD,
     _Prepare,
@@ -336,6 +337,7 @@ def build_train_loader(
         augment_seed=(seed, rank),
         decode_size=decode_size,
         skip_through=skip_through,
+        captions=CaptionReader(data.captions, data.caption_sampling, text_key=data.text_key),
     )
     stages += [
         wds.map(prepare, handler=errors),

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from clip_train.data.captions import CaptionReader
 from clip_train.data.quality import DataErrors, SampleError
 from clip_train.data.shards import ImageTooLarge, open_image, to_rgb
 
@@ -66,9 +67,11 @@ class _Prepare:
         augment_seed: tuple | None = None,
         decode_size: int | None = None,
         skip_through: dict[int, int] | None = None,
+        captions: CaptionReader | None = None,
     ):
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
+        self.captions = captions or CaptionReader(text_key=text_key)
         self.max_pixels, self.errors, self.with_meta = max_pixels, errors, with_meta
         self.augment_seed, self.decode_size = augment_seed, decode_size
         self.skip_through = dict(skip_through or {})  # a copy: the caller's may keep changing
@@ -83,15 +86,13 @@ class _Prepare:
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise SampleError("no_image", f"{where}: no image (looked for {', '.join(self.image_keys)})", url)
-        raw = sample.get(self.text_key)
-        if raw is None:
-            raise SampleError("no_caption", f"{where}: no caption ({self.text_key})", url)
-        try:
-            caption = " ".join((raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).split())
-        except UnicodeDecodeError:
-            raise SampleError("caption_not_utf8", f"{where}: caption is not UTF-8", url) from None
-        if not caption:
-            raise SampleError("empty_caption", f"{where}: empty caption", url)
+        # one caption of the sample's: drawn, in training, from this visit's own seed (captions.py)
+        pick_seed = (
+            None
+            if self.augment_seed is None
+            else _seed("caption", *self.augment_seed, _worker_id(), self.position)
+        )
+        caption = self.captions(sample, where, url, pick_seed)
         try:
             image = open_image(data, self.max_pixels)
         except ImageTooLarge as e:

@@ -46,6 +46,7 @@ SKIP_REASONS = (
     "caption_not_utf8",
     "undecodable_image",  # random bytes, 0 bytes, truncated file
     "image_too_large",  # over data.max_pixels (decompression bomb)
+    "bad_captions",  # data.captions=json:<field>: no JSON, or not a caption list (data/captions.py)
     "other",
 )
 

@@ -7,7 +7,8 @@ side is at most `max_size`, re-encoded as JPEG and written to `train-NNNNNN.tar`
 The split is decided by the SHA-1 of the original image bytes, so it is deterministic and an image
 that appears twice can never straddle train and val (and the second copy is dropped anyway).
 Every sample holds `<key>.jpg`, `<key>.txt` (the caption, UTF-8) and `<key>.json` (source, category,
-original path and size). `stats.json` records what was written and what was skipped, and why.
+original path and size; for an image with several captions, txt holds them one per line and json's
+`captions` lists them). `stats.json` records what was written and what was skipped, and why.
 
 The output folder appears atomically: everything is built in `<out>.tmp-<pid>` and renamed at the
 end, so an interrupted build leaves no half-written shard folder behind.
@@ -37,7 +38,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from clip_train.data import DataError
-from clip_train.data.sources import Record, folder_records, manifest_records
+from clip_train.data.sources import Record, folder_records, group_by_image, manifest_records
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,7 @@ class _Counts:
         self.first_key_of_hash: dict[str, str] = {}
         self.used_keys: set[str] = set()
         self.source_order: dict[str, None] = {}
+        self.several_captions = 0  # samples written with more than one caption
 
     def skip(self, record: Record, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
@@ -355,6 +357,7 @@ def _write_all(records: Iterable[Record], tmp: Path, settings: dict[str, Any]) -
                 },
             )
             counts.per_source[record.source][split] += 1
+            counts.several_captions += "captions" in record.meta
     finally:
         writers.close()
     return _stats(counts, seen, tmp, settings, time.perf_counter() - start)
@@ -393,6 +396,7 @@ def _stats(counts: _Counts, seen: int, tmp: Path, settings: dict[str, Any], seco
         "patterns": {split: _brace_pattern(split, len(names)) for split, names in files.items() if names},
         "skipped": dict(skipped.most_common()),
         "skipped_examples": dict(examples),
+        "several_captions": counts.several_captions,
         "seconds": round(seconds, 2),
         "images_per_second": round(seen / seconds, 1) if seconds > 0 else None,
         "settings": settings,
@@ -422,11 +426,22 @@ def write_manifest(
     caption_col: str,
     sep: str = "auto",
     category_col: str = "",
+    caption_sep: str = "",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Shards from a CSV, TSV or JSONL manifest (image paths relative to the manifest's folder);
-    `category_col` fills each sample's json category (a class for zero-shot evaluation)."""
+    `category_col` fills each sample's json category (a class for zero-shot evaluation).
+
+    Rows of the same image, and caption cells holding a list (JSONL) or texts joined by
+    `caption_sep`, make one sample with several captions: its txt holds them one per line and its
+    json `captions` lists them (as {text, weight} where weights were given); train on them with
+    data.captions=txt-lines or json:captions (docs/data.md)."""
     records = manifest_records(
-        path, image_col=image_col, caption_col=caption_col, sep=sep, category_col=category_col
+        path,
+        image_col=image_col,
+        caption_col=caption_col,
+        sep=sep,
+        category_col=category_col,
+        caption_sep=caption_sep,
     )
-    return write_shards(records, out_dir, **kwargs)
+    return write_shards(group_by_image(records), out_dir, **kwargs)

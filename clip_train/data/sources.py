@@ -15,8 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -132,11 +133,16 @@ def manifest_records(
     sep: str = "auto",
     source: str = "manifest",
     category_col: str = "",
+    caption_sep: str = "",
 ) -> Iterator[Record]:
     """Rows of a CSV, TSV or JSONL manifest: `image_col` holds an image path (relative to the
     manifest's folder unless absolute), `caption_col` the caption. `sep="auto"`: .jsonl/.json files and
     files whose first line is a JSON object are JSONL; otherwise the header line decides the separator
-    (the one among , tab ; | that splits it into the most columns; the extension's own on a tie)."""
+    (the one among , tab ; | that splits it into the most columns; the extension's own on a tie).
+
+    A caption cell may hold several captions: a JSONL list (of strings or {"text", "weight"}), or
+    a text split at `caption_sep`; such a record's caption is its captions one per line, and
+    meta["captions"] lists them (with their weights, where any was given)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist: pass a CSV, TSV or JSONL file")
@@ -160,14 +166,87 @@ def manifest_records(
         try:
             for line_no, row in rows:
                 image = str(row.get(image_col) or "").strip()
-                caption = row.get(caption_col)
-                caption = None if caption is None else _clean(str(caption))
+                try:
+                    caption, captions = _row_captions(row.get(caption_col), caption_sep)
+                except ValueError as e:
+                    raise DataError(f"{path}:{line_no}: {e}: fix the {caption_col!r} column") from None
                 image_path = Path(image) if Path(image).is_absolute() else base / image
                 category = _clean(str(row.get(category_col) or "")) if category_col else ""
                 meta = {"category": category, "path": str(image_path), "line": line_no}
+                if captions:
+                    meta["captions"] = captions
                 key = Path(image).with_suffix("").as_posix() if Path(image).name else f"line{line_no}"
                 yield Record(source, key, str(image_path), caption, meta)
         except csv.Error as e:  # the CSV rows are parsed lazily
             raise DataError(f"cannot parse manifest {path} ({e}): check its quoting or pass --sep") from None
 
     return generate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several captions per image (read back by clip_train/data/captions.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_captions(value: Any, caption_sep: str) -> tuple[str | None, list | None]:
+    """A manifest cell -> (the record's caption, meta["captions"] or None when it holds one)."""
+    if value is None:
+        return None, None
+    if isinstance(value, list):
+        items = value
+    elif caption_sep:
+        items = str(value).split(caption_sep)
+    else:
+        return _clean(str(value)), None
+    captions: list = []
+    for item in items:
+        if isinstance(item, dict) and "text" in item:
+            text = _clean(str(item["text"]))
+            weight = item.get("weight", 1.0)
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int | float)
+                or not 0 <= weight < float("inf")
+            ):
+                raise ValueError(f"caption weight {weight!r} is not a number >= 0")
+            if text:
+                captions.append({"text": text, "weight": weight})
+        elif _clean(str(item)):
+            captions.append(_clean(str(item)))
+    return _multi_caption(captions)
+
+
+def _multi_caption(captions: list) -> tuple[str, list | None]:
+    texts = [c["text"] if isinstance(c, dict) else c for c in captions]
+    if len(texts) <= 1:
+        return (texts[0] if texts else ""), None
+    if not any(isinstance(c, dict) for c in captions):
+        return "\n".join(texts), texts
+    weighted = [c if isinstance(c, dict) else {"text": c, "weight": 1.0} for c in captions]
+    return "\n".join(texts), weighted
+
+
+def record_captions(record: Record) -> list:
+    """A record's captions: meta["captions"] (strings or {text, weight}), else its one caption."""
+    if "captions" in record.meta:
+        return list(record.meta["captions"])
+    return [] if record.caption is None or not record.caption.strip() else [record.caption]
+
+
+def group_by_image(records: Iterable[Record]) -> Iterator[Record]:
+    """Records of the same image file (repeated manifest rows) as one record with all their
+    captions, in order of first appearance; the first record's key and meta stand for the image."""
+    first: dict[str, Record] = {}
+    captions: dict[str, list] = {}
+    for record in records:
+        image = os.path.normpath(record.image) if isinstance(record.image, str) else record.key
+        first.setdefault(image, record)
+        captions.setdefault(image, []).extend(record_captions(record))
+    for image, record in first.items():
+        texts = captions[image]
+        if not texts:  # no caption at all: the writer counts it (no_caption / empty_caption)
+            yield record
+            continue
+        caption, listed = _multi_caption(texts)
+        meta = {k: v for k, v in record.meta.items() if k != "captions"}
+        yield record._replace(caption=caption, meta={**meta, "captions": listed} if listed else meta)

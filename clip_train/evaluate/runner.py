@@ -89,7 +89,13 @@ def _linear_probe(model, transform, task: ZeroShotTask, test: LabelledImages, ct
 
 
 def image_text_retrieval(model, tokenizer, transform, task: RetrievalTask, ctx: EvalContext):
-    data = load_retrieval(task.dataset, task.limit, image_col=task.image_col, caption_col=task.caption_col)
+    data = load_retrieval(
+        task.dataset,
+        task.limit,
+        image_col=task.image_col,
+        caption_col=task.caption_col,
+        captions=task.captions,
+    )
     image_emb = encode_images(model, data.image, data.num_images, transform, ctx)
     text_emb = encode_texts(model, tokenizer, data.captions, ctx)
     owners = torch.tensor(data.caption_image)
@@ -109,8 +115,10 @@ def run_evaluation(
     precision: str,
     out_dir: str | Path | None = None,
     model_name: str = "clip_train",
+    val_captions: str = "whole",
 ) -> dict[str, float]:
     """Every configured task; returns flat metrics such as 'fashion-mnist/acc1', 'retrieval/...'.
+    `val_captions`: data.captions, how the val_shards samples hold their captions.
 
     Call it on every rank of a process group (all or none): each encodes its share.
     """
@@ -125,7 +133,11 @@ def run_evaluation(
     retrieval_tasks = list(cfg.retrieval_tasks)
     heldout = bool(cfg.retrieval and val_shards)
     if heldout:
-        retrieval_tasks.insert(0, RetrievalTask(dataset=val_shards, limit=cfg.retrieval_limit))
+        # "whole" trains on the text as one caption; the held-out pairs were always read by line
+        captions = "txt-lines" if val_captions == "whole" else val_captions
+        retrieval_tasks.insert(
+            0, RetrievalTask(dataset=val_shards, limit=cfg.retrieval_limit, captions=captions)
+        )
     # named before anything is evaluated: a name depends on the other tasks' folders
     zeroshot_names = unique_names([datasets.naming_path(t.dataset) for t in cfg.zeroshot])
     retrieval_names = unique_names(

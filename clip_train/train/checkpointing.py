@@ -26,6 +26,7 @@ def run_fingerprint(cfg: RunConfig, sources: list[Source], world_size: int) -> d
         "accum_steps": cfg.train.accum_steps,
         "ckpt_every": cfg.train.ckpt_every,
         "data": [[source.name, source.shards, source.weight] for source in sources],
+        "captions": [cfg.data.captions, cfg.data.caption_sampling],
     }
 
 

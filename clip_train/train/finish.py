@@ -24,6 +24,7 @@ def run_wise_ft(model, start_dir: Path, cfg: RunConfig, tokenizer, transform, ac
         return run_evaluation(
             model, tokenizer, transform, cfg.eval, cfg.data.val_shards, accelerator.device,
             cfg.train.precision, out_dir=out / name, model_name=f"{run_dir.name}-wise-{name}",
+            val_captions=cfg.data.captions,
         )  # fmt: skip
 
     rows = wise_ft_sweep(model, start_state, cfg.finetune.wise_alphas, evaluate_at)

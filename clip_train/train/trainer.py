@@ -232,6 +232,7 @@ class Trainer:
             self.cfg.train.precision,
             out_dir=self.run_dir / "eval" / f"step-{step:09d}",
             model_name=self.run_dir.name,
+            val_captions=self.cfg.data.captions,
         )
         self.logger.log("eval", step, metrics)
         self.last_eval_step = step
