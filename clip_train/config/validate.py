@@ -36,6 +36,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
         raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
     _check_feature_cache(cfg)
+    check_distill(cfg)
     image = cfg.model.image
     bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
     if bare and not cfg.model.init_from:
@@ -81,6 +82,35 @@ def _check_feature_cache(cfg: RunConfig) -> None:
     if train.cache_image_features and not _image_fully_locked(cfg):
         raise ConfigError(
             f"train.cache_image_features needs a fully locked image tower: set {FULLY_LOCKED_IMAGE}"
+        )
+
+
+def check_distill(cfg: RunConfig) -> None:
+    """distill.*: a teacher exactly when it runs online, and the inputs it needs (the paths
+    themselves are checked before start, see train/teacher.py)."""
+    distill = cfg.distill
+    if distill.mode == "off":
+        if distill.teacher:
+            raise ConfigError(
+                f"distill.teacher={distill.teacher} is set but distill.mode=off: set distill.mode=online "
+                "(or drop distill.teacher)"
+            )
+        return
+    if distill.mode == "online" and not distill.teacher:
+        raise ConfigError(
+            "distill.mode=online needs distill.teacher: a model folder, checkpoint or run directory "
+            "(clip-import turns an OpenCLIP checkpoint into one)"
+        )
+    if distill.mode == "offline" and distill.teacher:
+        raise ConfigError(
+            f"distill.mode=offline reads the teacher's embeddings from the shards (their teacher.json "
+            f"names it): drop distill.teacher={distill.teacher}, or set distill.mode=online"
+        )
+    if distill.mode == "online" and cfg.train.cache_image_features:
+        raise ConfigError(
+            "distill.mode=online needs the training images, which train.cache_image_features replaces "
+            "by cached features: write the teacher's embeddings once (clip-data teacher) and set "
+            "distill.mode=offline, or set train.cache_image_features=false"
         )
 
 
