@@ -28,7 +28,7 @@ from clip_train.models.clip import ClipModel
 from clip_train.models.tokenizer import build_tokenizer
 from clip_train.models.transforms import batch_normalizer, build_image_transforms
 from clip_train.tracking import read_metrics
-from clip_train.train.teacher import Distillation, OnlineTeacher
+from clip_train.train.teacher import Distillation, OnlineTeacher, TeacherView
 from clip_train.train.teacher_shards import write_teacher_shards
 
 NO_EVAL = ["eval.zeroshot=[]", "data.val_shards="]
@@ -248,7 +248,7 @@ def test_offline_and_online_teacher_give_the_same_loss_on_the_same_batch(
     "overrides, message",
     [
         (["distill.mode=online"], "distill.mode=online needs distill.teacher"),
-        (["distill.teacher=runs/t"], "distill.teacher=runs/t is set but distill.mode=off"),
+        (["distill.teacher=runs/t"], "distill.teacher=runs/t is set but distill.mode=none"),
         (["distill.mode=offline", "distill.teacher=runs/t"], "drop distill.teacher=runs/t"),
         (["distill.mode=online", "distill.teacher=t", "train.cache_image_features=true",
           "model.image.lock=true"], "train.cache_image_features replaces"),
@@ -309,3 +309,44 @@ def test_online_distillation_trains_and_its_kl_is_logged(tmp_path, tiny_data, te
     # the first step's loss is the contrastive loss plus 2 x KL of the same initial student
     first, plain_first = records[0], read_metrics(tmp_path / "plain", "train")[0]
     assert first["loss"] == pytest.approx(plain_first["loss"] + 2 * first["distill_kl"], rel=1e-5)
+
+
+def test_the_demo_recipe_loads_as_an_offline_distillation_of_a_smaller_student(tmp_path):
+    cfg = load_config(
+        [f"{REPO}/configs/demo.yaml", f"{REPO}/configs/distill-demo.yaml"],
+        [f"run_dir={tmp_path}/run", "data.train_shards=shards/demo-teacher/train-*.tar"],
+    )
+    assert (cfg.distill.mode, cfg.distill.weight) == ("offline", 1.0)
+    assert cfg.model.image.name == "tf_efficientnet_lite0" and cfg.model.image.concat == []
+    assert cfg.model.text.pretrained == "" and cfg.model.text.hf_config["num_hidden_layers"] == 3
+
+
+@pytest.mark.slow
+def test_the_distillation_benchmark_runs_both_arms_and_writes_its_table(tmp_path, tiny_data, teacher_dir):
+    out = tmp_path / "distill.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/distill.py", "--dry", "--teacher", str(teacher_dir), "--shards",
+         str(tiny_data["shards"]), "--seeds", "0,1", "--work", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["arm"], r["seed"]) for r in report["runs"]] == [
+        ("plain", 0), ("distill", 0), ("plain", 1), ("distill", 1)
+    ]  # fmt: skip
+    assert "text_retrieval_recall@1" in " ".join(report["means"]["distill"])
+    assert read_metrics(tmp_path / "work" / "distill-seed0", "setup")[0]["distill"] == "offline"
+    assert "distill" not in read_metrics(tmp_path / "work" / "plain-seed0", "setup")[0]
+    assert "distill | mean" in result.stdout
+
+
+def test_the_online_teacher_sees_the_student_pixels_in_its_own_size_and_normalisation():
+    student = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    teacher = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    pixels = torch.rand(2, 3, 64, 64)
+    normalised = (pixels - 0.5) / 0.25  # what the student's loader gives
+    view = TeacherView(student, teacher, size=32)
+    want = F.interpolate(pixels, size=(32, 32), mode="bilinear", antialias=True)
+    assert torch.allclose(view(normalised), want, atol=1e-5)
+    same = TeacherView(student, student, size=64)
+    assert same(normalised) is normalised  # one model's view: passed through untouched

@@ -279,7 +279,7 @@ class DistillConfig:
     # becomes contrastive + weight * KL(teacher || student) over both directions' softmax of the
     # global batch's similarity matrix. off | online (the teacher runs in each step, no gradients)
     # | offline (its embeddings come from shards written by `clip-data teacher`).
-    mode: str = _choice("off", "off", "online", "offline")
+    mode: str = _choice("none", "none", "online", "offline")
     # online: a model folder, checkpoint or run directory (an OpenCLIP checkpoint: clip-import it
     # first). offline: empty, the shards' teacher.json names the teacher.
     teacher: str = ""

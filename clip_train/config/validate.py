@@ -89,10 +89,10 @@ def check_distill(cfg: RunConfig) -> None:
     """distill.*: a teacher exactly when it runs online, and the inputs it needs (the paths
     themselves are checked before start, see train/teacher.py)."""
     distill = cfg.distill
-    if distill.mode == "off":
+    if distill.mode == "none":
         if distill.teacher:
             raise ConfigError(
-                f"distill.teacher={distill.teacher} is set but distill.mode=off: set distill.mode=online "
+                f"distill.teacher={distill.teacher} is set but distill.mode=none: set distill.mode=online "
                 "(or drop distill.teacher)"
             )
         return

@@ -1,6 +1,6 @@
 """distill.*: the teacher's embeddings of each training batch, and the loss they enter.
 
-    distill = build_distillation(cfg, model, device, contrastive_loss)  # None when distill.mode=off
+    distill = build_distillation(cfg, model, device, contrastive_loss)  # None when distill.mode=none
     teacher = distill.embeddings(batch)          # per micro-batch: ([n, d_t], [n, d_t]), no gradients
     loss = distill.loss(*model(...), *distill.join([teacher, ...]))   # per step, over all micro-batches
 
@@ -113,7 +113,7 @@ class Distillation:
 
 def build_distillation(cfg: RunConfig, student: ClipModel, device, contrastive) -> Distillation | None:
     distill = cfg.distill
-    if distill.mode == "off":
+    if distill.mode == "none":
         return None
     teacher = None
     if distill.mode == "online":
