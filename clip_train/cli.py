@@ -232,11 +232,12 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str] | None = None) -> int:
-    # clip-data knows folders and manifests; the demo's sub-command comes from above it
+    # clip-data knows folders and manifests; the demo's and the teacher's sub-commands come from above it
     from clip_train.data.build import main
     from clip_train.demo.build import add_demo_command
+    from clip_train.train.teacher_shards import add_teacher_command
 
-    return main(argv, commands=[add_demo_command])
+    return main(argv, commands=[add_demo_command, add_teacher_command])
 
 
 def finetune_main(argv: list[str] | None = None) -> int:

@@ -293,6 +293,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    # Distillation from a teacher CLIP (docs/training.md#distillation-from-a-teacher): the loss
+    # becomes contrastive + weight * KL(teacher || student) over both directions' softmax of the
+    # global batch's similarity matrix. off | online (the teacher runs in each step, no gradients)
+    # | offline (its embeddings come from shards written by `clip-data teacher`).
+    mode: str = _choice("none", "none", "online", "offline")
+    # online: a model folder, checkpoint or run directory (an OpenCLIP checkpoint: clip-import it
+    # first). offline: empty, the shards' teacher.json names the teacher.
+    teacher: str = ""
+    weight: float = _range(1.0, 0)
+    precision: str = _choice("fp32", "fp32", "bf16", "fp16")  # online: the teacher's autocast
+    # The multiplier of the teacher's cosine similarities; empty = the teacher's own exp(logit_scale)
+    teacher_logit_scale: float | None = _range(None, 0, above=True)
+
+
+@dataclass
 class LogConfig:
     wandb: bool = False  # also on when WANDB_MODE is set in the environment
     wandb_project: str = "clip_train"
@@ -307,6 +323,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -47,6 +47,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
         raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
     _check_feature_cache(cfg)
+    check_distill(cfg)
     image = cfg.model.image
     bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
     if bare and not cfg.model.init_from:
@@ -105,6 +106,42 @@ def check_captions(spec: str, key: str) -> None:
         f"{key}={spec!r} is not a caption source: {hint}choose one of {', '.join(CAPTION_SOURCES)} "
         "or json:<field> (e.g. json:captions)"
     )
+
+
+def check_distill(cfg: RunConfig) -> None:
+    """distill.*: a teacher exactly when it runs online, and the inputs it needs (the paths
+    themselves are checked before start, see train/teacher.py)."""
+    distill = cfg.distill
+    if distill.mode == "none":
+        if distill.teacher:
+            raise ConfigError(
+                f"distill.teacher={distill.teacher} is set but distill.mode=none: set distill.mode=online "
+                "(or drop distill.teacher)"
+            )
+        return
+    if distill.mode == "online" and not distill.teacher:
+        raise ConfigError(
+            "distill.mode=online needs distill.teacher: a model folder, checkpoint or run directory "
+            "(clip-import turns an OpenCLIP checkpoint into one)"
+        )
+    if distill.mode == "offline" and distill.teacher:
+        raise ConfigError(
+            f"distill.mode=offline reads the teacher's embeddings from the shards (their teacher.json "
+            f"names it): drop distill.teacher={distill.teacher}, or set distill.mode=online"
+        )
+    if distill.mode == "offline" and cfg.data.captions != "whole":
+        raise ConfigError(
+            f"distill.mode=offline reads one teacher text embedding per sample, made from its whole "
+            f"caption text, so data.captions={cfg.data.captions} would pair the student's caption with "
+            "another one's: set data.captions=whole, or distill.mode=online (the teacher embeds the "
+            "caption each step picks)"
+        )
+    if distill.mode == "online" and cfg.train.cache_image_features:
+        raise ConfigError(
+            "distill.mode=online needs the training images, which train.cache_image_features replaces "
+            "by cached features: write the teacher's embeddings once (clip-data teacher) and set "
+            "distill.mode=offline, or set train.cache_image_features=false"
+        )
 
 
 def check_data_sources(data: DataConfig) -> None:

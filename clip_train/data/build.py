@@ -11,7 +11,9 @@ command says so and exits 0 without touching it, unless --overwrite is given.
 `demo` is not this module's: it knows folders and manifests, and main() takes further sub-commands
 from the packages above it (cli.py passes clip_train/demo/build.py's), each an `add(commands,
 common)` that adds its sub-parser with the shared build options and `set_defaults(write=...)`, a
-function (args, settings) -> stats called in place of write_folder or write_manifest.
+function (args, settings) -> stats called in place of write_folder or write_manifest; or, for a
+command that builds no shards from images (`teacher`, train/teacher_shards.py), `set_defaults(run=...)`,
+a function (args) -> exit code that main() hands the parsed arguments to.
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None, commands: Sequence[AddCommand] = ()) -> 
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
     if args.command == "inspect":  # reads only: the quick exit below is for the build commands
         return _inspect(args)
+    if hasattr(args, "run"):  # an added sub-command that is not a shard build (e.g. `teacher`)
+        return args.run(args)
 
     if (args.out / "stats.json").exists() and not args.overwrite:
         print(f"shards already built in {args.out} (delete it or pass --overwrite)")

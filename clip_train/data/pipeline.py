@@ -123,7 +123,8 @@ class Batch:
     """One batch: images [B,3,H,W] (uint8 from the training workers, float once normalised), token
     ids [B,L], and per sample its caption and key. Training batches also carry, per sample, the
     source it came from and where in its loader worker's stream it was: (worker, n), the n-th raw
-    sample (what a resume skips through); their keys are prefixed with the shard URL."""
+    sample (what a resume skips through); their keys are prefixed with the shard URL. Loaders of
+    shards written by `clip-data teacher` add the teacher's embeddings [B, d_t] (teacher_members.py)."""
 
     images: torch.Tensor
     tokens: torch.Tensor
@@ -131,13 +132,20 @@ class Batch:
     keys: list[str]
     sources: list[str] = field(default_factory=list)
     positions: list[tuple[int, int]] = field(default_factory=list)
+    teacher_image: torch.Tensor | None = None
+    teacher_text: torch.Tensor | None = None
+
+
+_TRAINING_FIELDS = 6  # images, tokens, caption, key, source, position; then the teacher's two
 
 
 def _collate(samples: list[tuple]) -> Batch:
     images = torch.stack([s[0] for s in samples])
     tokens = torch.stack([s[1] for s in samples])
+    teacher = [torch.stack([s[i] for s in samples]) for i in range(_TRAINING_FIELDS, len(samples[0]))]
     # then one list per meta field: captions, keys (and, in training, sources, stream positions)
-    return Batch(images, tokens, *[list(meta) for meta in zip(*(s[2:] for s in samples), strict=True)])
+    metas = (s[2:_TRAINING_FIELDS] for s in samples)
+    return Batch(images, tokens, *[list(meta) for meta in zip(*metas, strict=True)], *teacher)
 
 
 def config_sources(data: DataConfig) -> list[Source]:
@@ -290,6 +298,7 @@ def build_train_loader(
     world_size: int = 1,
     decode_size: int | None = None,
     skip_through: dict[int, int] | None = None,
+    teacher_members: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of training `Batch`es of exactly data.batch_size, each key prefixed with its
     shard URL, each position `(worker, n)`: the sample was the n-th raw sample of that worker.
@@ -300,6 +309,7 @@ def build_train_loader(
     `decode_size`: decode JPEGs at reduced scale, never below this many pixels a side (draft mode).
     `skip_through` {worker: n}: drop each worker's first n raw samples undecoded, so a loader built
     with the same arguments continues exactly after the positions an earlier one had reached.
+    `teacher_members`: also read each sample's teacher embeddings (see teacher_members.py).
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -338,6 +348,7 @@ def build_train_loader(
         decode_size=decode_size,
         skip_through=skip_through,
         captions=CaptionReader(data.captions, data.caption_sampling, text_key=data.text_key),
+        teacher_members=teacher_members,
     )
     stages += [
         wds.map(prepare, handler=errors),

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from clip_train.data import DataError
 from clip_train.data.captions import CaptionReader
 from clip_train.data.quality import DataErrors, SampleError
 from clip_train.data.shards import ImageTooLarge, open_image, to_rgb
+from clip_train.data.teacher_members import IMAGE_MEMBER, TEXT_MEMBER, decode_embedding
 
 SOURCE_FIELD = "__source__"  # the name of the source a raw sample came from
 
@@ -68,7 +70,9 @@ class _Prepare:
         decode_size: int | None = None,
         skip_through: dict[int, int] | None = None,
         captions: CaptionReader | None = None,
+        teacher_members: bool = False,
     ):
+        self.teacher_members = teacher_members  # also return the sample's teacher embeddings
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key, self.transform, self.tokenize = text_key, transform, tokenize
         self.captions = captions or CaptionReader(text_key=text_key)
@@ -122,8 +126,24 @@ class _Prepare:
         if self.with_meta == "url_key":  # training: keys unique across shard sets, the source, and
             # where in this worker's stream the sample was (what a resume skips through)
             where_in_stream = (_worker_id(), self.position)
-            return pixels, tokens, caption, f"{url}/{key}", sample.get(SOURCE_FIELD, ""), where_in_stream
+            meta = (caption, f"{url}/{key}", sample.get(SOURCE_FIELD, ""), where_in_stream)
+            return (
+                pixels,
+                tokens,
+                *meta,
+                *(_teacher_embeddings(sample, where) if self.teacher_members else ()),
+            )
         return pixels, tokens, caption, key
+
+
+def _teacher_embeddings(sample: dict[str, Any], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    members = [sample.get(IMAGE_MEMBER), sample.get(TEXT_MEMBER)]
+    if None in members:
+        # not a bad sample but shards that are not what their teacher.json says: stop the run
+        raise DataError(
+            f"{where} has no {IMAGE_MEMBER} / {TEXT_MEMBER}: rewrite its shards with clip-data teacher"
+        )
+    return decode_embedding(members[0]), decode_embedding(members[1])
 
 
 @contextlib.contextmanager

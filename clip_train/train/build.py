@@ -22,6 +22,7 @@ from clip_train.models.clip import ClipModel, config_from_saved, load_saved_weig
 from clip_train.models.transforms import build_image_transforms
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.paths import resolve_model_folder
+from clip_train.train.teacher import check_distill_inputs
 
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -44,6 +45,7 @@ def check_before_start(cfg: RunConfig) -> None:
     )
     if cfg.data.val_shards:
         expand_urls(cfg.data.val_shards)
+    check_distill_inputs(cfg)
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:

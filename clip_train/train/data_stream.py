@@ -47,7 +47,9 @@ class DataStream:
         tokenize: Callable,
         decode_size: int | None,
         skip_history: list,
+        teacher_members: bool = False,
     ):
+        self.teacher_members = teacher_members  # distill.mode=offline: batches carry the teacher's
         self.data, self.state, self.seed, self.segment_len = data, state, seed, segment_len
         self.rank, self.world_size = rank, world_size
         self.transform, self.tokenize, self.decode_size = transform, tokenize, decode_size
@@ -69,6 +71,7 @@ class DataStream:
             tokenize=self.tokenize,
             decode_size=self.decode_size,
             skip_through=skip_through,
+            teacher_members=self.teacher_members,
         )
 
     def start(self, step: int) -> int | None:
@@ -119,6 +122,11 @@ class DataStream:
         self.wait_s += time.perf_counter() - fetch_start
         batch.images = normalize(batch.images.to(device))
         batch.tokens = batch.tokens.to(device)
+        if batch.teacher_image is not None:
+            batch.teacher_image, batch.teacher_text = (
+                batch.teacher_image.to(device),
+                batch.teacher_text.to(device),
+            )
         self.counts.add_sources(batch.sources)
         self.state.advance(batch.positions, self.data.num_workers)
         return batch

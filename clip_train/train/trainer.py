@@ -44,6 +44,7 @@ from clip_train.train.finish import run_wise_ft
 from clip_train.train.hooks import TrainHooks
 from clip_train.train.state import TrainState
 from clip_train.train.step import Gradients, NonFiniteGuard, apply_update, compute_gradients
+from clip_train.train.teacher import build_distillation
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -103,6 +104,7 @@ class Trainer:
             self.feature_cache = ImageFeatureCache(image_chunk_size(accelerator.device, cfg.eval.image_chunk))
             self.train_transform = fixed_view  # one fixed view per sample (see ImageFeatureCache)
         self.loss_fn, optimizer, self.scheduler = build_optimization(model, cfg)
+        self.distill = build_distillation(cfg, model, accelerator.device, self.loss_fn)  # None: off
         # The webdataset loader is deliberately not prepared: it already splits shards by rank, and
         # prepare() would dispatch or stride its batches a second time.
         # The scheduler is not prepared either: Accelerate's wrapper steps it once per process on each
@@ -131,10 +133,11 @@ class Trainer:
             step = state.step + 1
             self.hooks.on_step_start(self, step)
             fetched = [self._next_micro_batch() for _ in range(cfg.train.accum_steps)]
+            teacher = self.distill.join([t for *_, t in fetched]) if self.distill else None
             grads = compute_gradients(
                 self.model,
-                [inputs for inputs, _ in fetched],
-                partial(self._loss, step),
+                [inputs for inputs, *_ in fetched],
+                partial(self._loss, step, teacher),
                 self.accelerator,
                 grad_clip=cfg.optim.grad_clip,
                 precision=cfg.train.precision,
@@ -145,7 +148,7 @@ class Trainer:
             agreed = sum_over_ranks([*flags, *self.stream.totals()], self.accelerator.device)
             self.stream.check_skip_rate([int(v) for v in agreed[2:]])
             if agreed[0] > 0:
-                self._skip(step, grads, [key for _, keys in fetched for key in keys])
+                self._skip(step, grads, [key for _, keys, _ in fetched for key in keys])
             else:
                 self.guard.passed()
                 apply_update(self.optimizer, self.scheduler, self.unwrapped)
@@ -162,19 +165,22 @@ class Trainer:
                 self._stop_preempted("checkpointed")
         return self._finish(results_path)
 
-    def _next_micro_batch(self) -> tuple[tuple, list[str]]:
-        """(images or None, tokens, cached image features or None) on the device, and the keys."""
+    def _next_micro_batch(self) -> tuple[tuple, list[str], tuple | None]:
+        """(images or None, tokens, cached image features or None) on the device, the keys, and
+        the teacher's embeddings (distillation) or None."""
         batch = self.stream.next_batch(self.state.step, self.accelerator.device, self.normalize_images)
         self.window.data_wait += self.stream.take_wait()
+        teacher = self.distill.embeddings(batch) if self.distill else None
         if self.feature_cache is None:
-            return (batch.images, batch.tokens, None), batch.keys
+            return (batch.images, batch.tokens, None), batch.keys, teacher
         features = self.feature_cache.lookup(
             self.unwrapped, batch.images, batch.keys, self.accelerator.autocast
         )
-        return (None, batch.tokens, features), batch.keys
+        return (None, batch.tokens, features), batch.keys, teacher
 
-    def _loss(self, step: int, *outputs) -> torch.Tensor:
-        return self.hooks.on_loss(step, self.loss_fn(*outputs))
+    def _loss(self, step: int, teacher: tuple | None, *outputs) -> torch.Tensor:
+        loss = self.loss_fn(*outputs) if teacher is None else self.distill.loss(*outputs, *teacher)
+        return self.hooks.on_loss(step, loss)
 
     def _skip(self, step: int, grads: Gradients, keys: list[str]) -> None:
         """A step whose loss or gradient is not finite on some rank: no update, a "skip" record."""
@@ -213,6 +219,7 @@ class Trainer:
             "grad_norm": float(grads.grad_norm),
             "samples_per_s": rate,
             **self.flop_metrics(rate),
+            **(self.distill.metrics() if self.distill else {}),
             "data_wait_frac": window.data_wait / elapsed,
             "samples_seen": self.state.samples_seen,
             **self.stream.metrics(partial(sum_over_ranks, device=accelerator.device)),
@@ -280,6 +287,7 @@ class Trainer:
             "contrastive_batch": self.global_batch,
             # layers that make accumulation differ from one big batch (see batch_statistics_layers)
             "accumulation_batchnorm_layers": len(inexact),
+            **({"distill": cfg.distill.mode, "distill_weight": cfg.distill.weight} if self.distill else {}),
         }
         self.logger.log("setup", self.state.step, setup)
 
@@ -296,6 +304,7 @@ class Trainer:
             tokenize=self.tokenizer,
             decode_size=cfg.model.image.image_size if cfg.data.fast_decode else None,
             skip_history=self.state.skip_history,
+            teacher_members=cfg.distill.mode == "offline",
         )
         skipped = stream.start(self.state.step)
         if skipped is not None:
