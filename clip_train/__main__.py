@@ -1,4 +1,4 @@
-"""`python -m clip_train train|eval|data|export|import ...` (the form `accelerate launch -m` needs)."""
+"""`python -m clip_train train|eval|data|export|import|finetune ...` (as `accelerate launch -m` needs)."""
 
 import sys
 

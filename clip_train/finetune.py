@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from clip_train.errors import fail
 
 
 def interpolate_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict:
@@ -145,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.target) / "results.json"
     wise = json.loads(results.read_text()).get("wise") if results.is_file() else None
     if not wise:
-        print(
-            f"error: {results} holds no WiSE-FT results: run with finetune.wise_alphas set", file=sys.stderr
-        )
-        return 2
+        missing = FileNotFoundError(f"{results} holds no WiSE-FT results: run with finetune.wise_alphas set")
+        return fail(parser.prog, missing)
     print(f"before (alpha 0) and after (alpha 1) fine-tuning, {args.target}:\n{format_before_after(wise)}")
     return 0

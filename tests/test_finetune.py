@@ -132,3 +132,15 @@ def test_demo_manifest_writes_the_chosen_categories_and_refuses_an_unknown_one(t
     err = capsys.readouterr().err.strip()
     assert "no Tux Paint category fod" in err and "animals, food" in err and "\n" not in err
     assert not (tmp_path / "typo.csv").exists() and not list(tmp_path.glob("typo.csv*"))
+
+
+def test_the_before_after_table_of_a_run_without_wise_ft_is_a_one_line_error(tmp_path):
+    table = subprocess.run(
+        [sys.executable, "-m", "clip_train", "finetune", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert table.returncode == 2 and not table.stdout
+    assert table.stderr.strip() == (
+        f"python -m clip_train finetune: error: {tmp_path}/results.json holds no WiSE-FT results: "
+        "run with finetune.wise_alphas set"
+    )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_train.data import DataError
+from clip_train.errors import fail
 
 PROG = "clip-data"
 # a sub-command from a package above this one: add(commands, common), see the module docstring
@@ -112,8 +113,7 @@ def _inspect(args: argparse.Namespace) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     except (DataError, OSError) as e:  # OSError: a --sheet or --json we may not write
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(PROG, e)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None, commands: Sequence[AddCommand] = ()) -> 
                 **settings,
             )
     except (DataError, OSError) as e:  # OSError: an --out folder we may not write to, a full disk
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(PROG, e)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
