@@ -37,6 +37,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from clip_train.atomic import publish_folder
 from clip_train.data import DataError
 from clip_train.data.sources import Record, folder_records, group_by_image, manifest_records
 
@@ -191,17 +192,6 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise DataError(f"{out_dir} is not empty and holds no stats.json: choose a new --out folder")
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished build into place with renames (atomic on one filesystem)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
 class _SplitWriters:
     """One wds.ShardWriter per split, opened on the first sample so no empty shard is written."""
 
@@ -272,7 +262,7 @@ def write_shards(
     try:
         stats = _write_all(records, tmp, settings)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-        _publish(tmp, out_dir)
+        publish_folder(tmp, out_dir, replace=True)  # the old build stays whole until the swap
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
