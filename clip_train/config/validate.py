@@ -15,6 +15,7 @@ from clip_train.config.schema import (
     ARCHITECTURES,
     ConfigError,
     DataConfig,
+    EmaConfig,
     ModelConfig,
     RunConfig,
     concat_entry,
@@ -36,6 +37,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.finetune.wise_alphas and not (cfg.eval.zeroshot or cfg.data.val_shards):
         raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
     _check_feature_cache(cfg)
+    _check_ema(cfg)
     image = cfg.model.image
     bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
     if bare and not cfg.model.init_from:
@@ -82,6 +84,22 @@ def _check_feature_cache(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.cache_image_features needs a fully locked image tower: set {FULLY_LOCKED_IMAGE}"
         )
+
+
+def _check_ema(cfg: RunConfig) -> None:
+    ema = cfg.train.ema
+    if ema.warmup and ema.decay == 0:
+        raise ConfigError(
+            "train.ema.warmup=true ramps up an EMA that is off (train.ema.decay=0): set train.ema.decay, "
+            "e.g. 0.9999, or drop the warmup"
+        )
+    default = EmaConfig()
+    for key in ("warmup_gamma", "warmup_power"):
+        if not ema.warmup and getattr(ema, key) != getattr(default, key):
+            raise ConfigError(
+                f"train.ema.{key}={getattr(ema, key)} acts only with train.ema.warmup=true: set it, or drop "
+                f"train.ema.{key}"
+            )
 
 
 def check_data_sources(data: DataConfig) -> None:
