@@ -123,7 +123,7 @@ def resolve_model_folder(path: str | Path, setting: str = "", weights: str = "li
             f"(a checkpoint is complete once {COMPLETE} is written): train it further or {_PASS}"
             f"{_ema_hint(weights)}"
         )
-    raise NoModelError(f"{where} holds no saved model: {_PASS}")
+    raise NoModelError(f"{where} holds no saved model: {_PASS}{_ema_hint(weights)}")
 
 
 def _ema_hint(weights: str) -> str:
