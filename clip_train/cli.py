@@ -196,6 +196,7 @@ def _run_config_of(target: Path):
 EXPORT_EPILOG = """examples:
   clip-export runs/demo --to openclip --out exports/demo-openclip
   clip-export runs/demo/checkpoints/step-300 --to hf --out exports/demo-hf
+  clip-export runs/demo --weights ema --to openclip --out exports/demo-ema   # a train.ema run
 A model the target cannot reproduce exactly is refused, and nothing is written; see
 clip_train/export.py for how to load each export and what can be exported.
 """
@@ -215,12 +216,18 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", required=True, help="new folder for the export (must not exist, or be empty)"
     )
+    parser.add_argument(
+        "--weights",
+        choices=["live", "ema"],
+        default="live",
+        help="of a run or checkpoint: the trained weights (live) or their EMA (train.ema, model-ema/)",
+    )
     args = parser.parse_args(argv)
     try:
         from clip_train.export import export_model
         from clip_train.paths import resolve_model_folder
 
-        model_dir = resolve_model_folder(args.source)
+        model_dir = resolve_model_folder(args.source, weights=args.weights)
         result = export_model(model_dir, args.to, Path(args.out))
     except _user_errors() as e:  # the export's refusals are ConfigErrors
         return fail("clip-export", e)

@@ -7,6 +7,8 @@ model.init_from, clip_train.load) reads them the same way:
                                                 ends), else its newest complete checkpoint's model/
     runs/demo/checkpoints/step-000000300/       a checkpoint: its model/, only if COMPLETE is there
     runs/demo/model/                            a model folder: config.json + model.safetensors
+    runs/demo/model-ema/                        the same for the EMA of the weights (train.ema), what
+                                                weights="ema" picks in a run or a checkpoint
 
     folder = resolve_model_folder("runs/demo")  # -> runs/demo/model
 
@@ -22,6 +24,8 @@ from pathlib import Path
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_DIR = "model"
+EMA_MODEL_DIR = "model-ema"  # beside model/ when train.ema is on: the EMA of the weights
+WEIGHTS_DIRS = {"live": MODEL_DIR, "ema": EMA_MODEL_DIR}
 RUN_CONFIG_NAME = "config.yaml"
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
@@ -76,38 +80,54 @@ def _incomplete(path: Path, where: str) -> NoModelError:
     )
 
 
-def resolve_model_folder(path: str | Path, setting: str = "") -> Path:
+def resolve_model_folder(path: str | Path, setting: str = "", weights: str = "live") -> Path:
     """The model folder to load for a run directory, a checkpoint or a model folder (see the module
-    docstring). setting names where the path came from in the error ("model.init_from")."""
+    docstring). setting names where the path came from in the error ("model.init_from"). weights
+    "ema": a run's or checkpoint's EMA of the weights (model-ema/, written when train.ema is on)."""
     path = Path(path)
     where = f"{setting}={path}" if setting else str(path)
+    sub = WEIGHTS_DIRS[weights]
     if not path.exists():
         raise NoModelError(f"{where} holds no saved model (it does not exist): {_PASS}")
     if is_model_folder(path):
         parent = path.parent
-        if path.name == MODEL_DIR and _is_checkpoint(parent) and not (parent / COMPLETE).is_file():
+        if (
+            path.name in WEIGHTS_DIRS.values()
+            and _is_checkpoint(parent)
+            and not (parent / COMPLETE).is_file()
+        ):
             raise _incomplete(parent, where)
+        if weights == "ema" and path.name != EMA_MODEL_DIR:
+            raise NoModelError(
+                f"{where} is a model folder of its own: for its EMA weights pass the run directory, a "
+                f"checkpoint or its {EMA_MODEL_DIR}/ folder"
+            )
         return path
     if _is_checkpoint(path):
         if not (path / COMPLETE).is_file():
             raise _incomplete(path, where)
-        if not is_model_folder(path / MODEL_DIR):
+        if not is_model_folder(path / sub):
             raise NoModelError(
-                f"{where} is a checkpoint without a saved model ({MODEL_DIR}/{CONFIG_NAME} + "
-                f"{WEIGHTS_NAME}): pass its run directory or another checkpoint"
+                f"{where} is a checkpoint without a saved model ({sub}/{CONFIG_NAME} + "
+                f"{WEIGHTS_NAME}): pass its run directory or another checkpoint{_ema_hint(weights)}"
             )
-        return path / MODEL_DIR
-    if is_model_folder(path / MODEL_DIR):
-        return path / MODEL_DIR
+        return path / sub
+    if is_model_folder(path / sub):
+        return path / sub
     for checkpoint in reversed(complete_checkpoints(checkpoint_root(path))):
-        if is_model_folder(checkpoint / MODEL_DIR):
-            return checkpoint / MODEL_DIR
+        if is_model_folder(checkpoint / sub):
+            return checkpoint / sub
     if checkpoint_root(path).is_dir():
         raise NoModelError(
-            f"{where} holds no saved model: it has no {MODEL_DIR}/ and no complete checkpoint with one "
+            f"{where} holds no saved model: it has no {sub}/ and no complete checkpoint with one "
             f"(a checkpoint is complete once {COMPLETE} is written): train it further or {_PASS}"
+            f"{_ema_hint(weights)}"
         )
-    raise NoModelError(f"{where} holds no saved model: {_PASS}")
+    raise NoModelError(f"{where} holds no saved model: {_PASS}{_ema_hint(weights)}")
+
+
+def _ema_hint(weights: str) -> str:
+    return " (EMA weights are saved by runs with train.ema.decay > 0)" if weights == "ema" else ""
 
 
 def run_dir_of(path: str | Path) -> Path | None:

@@ -241,6 +241,21 @@ class EvalConfig:
 
 
 @dataclass
+class EmaConfig:
+    # An exponential moving average of the weights (timm's ModelEmaV3), updated after each applied
+    # optimizer step: ema = d * ema + (1 - d) * weights, the first update copying the weights.
+    # decay 0 = off; typical values are 0.999 (short runs) to 0.9999. See docs/training.md.
+    decay: float = _range(0.0, 0, 1, below=True)
+    # ramp d up as timm does: d_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power) for the
+    # t-th update after the first, so early weights (far from trained) fade out fast
+    warmup: bool = False
+    warmup_gamma: float = _range(1.0, 0, above=True)
+    warmup_power: float = _range(2 / 3, 0, above=True)
+    # evaluate the EMA weights beside the live ones at each evaluation ("ema/" metrics)
+    eval: bool = True
+
+
+@dataclass
 class TrainConfig:
     steps: int = _range(1000, 1)
     precision: str = _choice("bf16", "bf16", "fp16", "fp32")
@@ -279,6 +294,7 @@ class TrainConfig:
     # Peak FLOP/s of ONE device (e.g. 989e12 for an H100's dense bf16; 0 = unknown): with it, each
     # train record gets mfu = model FLOP/s per device / peak_flops (see clip_train/flops.py).
     peak_flops: float = _range(0.0, 0)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

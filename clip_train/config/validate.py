@@ -17,6 +17,7 @@ from clip_train.config.schema import (
     CAPTION_SOURCES,
     ConfigError,
     DataConfig,
+    EmaConfig,
     ModelConfig,
     RunConfig,
     concat_entry,
@@ -48,6 +49,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("finetune.wise_alphas needs evaluation tasks: set eval.zeroshot or data.val_shards")
     _check_feature_cache(cfg)
     check_distill(cfg)
+    _check_ema(cfg)
     image = cfg.model.image
     bare = [spec for spec in image.concat if not concat_entry(spec)[1]]
     if bare and not cfg.model.init_from:
@@ -142,6 +144,22 @@ def check_distill(cfg: RunConfig) -> None:
             "by cached features: write the teacher's embeddings once (clip-data teacher) and set "
             "distill.mode=offline, or set train.cache_image_features=false"
         )
+
+
+def _check_ema(cfg: RunConfig) -> None:
+    ema = cfg.train.ema
+    if ema.warmup and ema.decay == 0:
+        raise ConfigError(
+            "train.ema.warmup=true ramps up an EMA that is off (train.ema.decay=0): set train.ema.decay, "
+            "e.g. 0.9999, or drop the warmup"
+        )
+    default = EmaConfig()
+    for key in ("warmup_gamma", "warmup_power"):
+        if not ema.warmup and getattr(ema, key) != getattr(default, key):
+            raise ConfigError(
+                f"train.ema.{key}={getattr(ema, key)} acts only with train.ema.warmup=true: set it, or drop "
+                f"train.ema.{key}"
+            )
 
 
 def check_data_sources(data: DataConfig) -> None:

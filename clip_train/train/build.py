@@ -58,6 +58,9 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
         raise ConfigError(
             "finetune.wise_alphas is not supported under FSDP: launch with DDP or drop the sweep"
         )
+    if cfg.train.ema.decay > 0 and accelerator.distributed_type == DistributedType.FSDP:
+        # the average copies and reads the unwrapped module's full weights, which FSDP holds as shards
+        raise ConfigError("train.ema is not supported under FSDP: launch with DDP or set train.ema.decay=0")
     return accelerator
 
 

@@ -12,6 +12,8 @@ from accelerate.utils import DistributedType
 from clip_train import checkpoint
 from clip_train.config import RunConfig, to_dict
 from clip_train.data.pipeline import Source
+from clip_train.paths import EMA_MODEL_DIR
+from clip_train.train.ema import WeightEma, check_ema_resume, ema_fingerprint
 from clip_train.train.state import TrainState
 
 
@@ -27,6 +29,7 @@ def run_fingerprint(cfg: RunConfig, sources: list[Source], world_size: int) -> d
         "ckpt_every": cfg.train.ckpt_every,
         "data": [[source.name, source.shards, source.weight] for source in sources],
         "captions": [cfg.data.captions, cfg.data.caption_sampling],
+        **ema_fingerprint(cfg.train.ema),  # nothing when off
     }
 
 
@@ -38,8 +41,10 @@ class CheckpointManager:
         self.fingerprint = fingerprint
         self.resume_from = checkpoint.resolve_resume(self.run_dir, cfg.train.resume)
         if self.resume_from is not None:  # refused before anything heavy is built
+            meta = checkpoint.read_meta(self.resume_from)
+            check_ema_resume(meta, cfg.train.ema, self.resume_from)  # before the generic data-order rules
             changed = checkpoint.check_compatible(
-                checkpoint.read_meta(self.resume_from),
+                meta,
                 fingerprint,
                 self.resume_from,
                 allow_data_order_change=cfg.train.allow_resume_change,
@@ -50,11 +55,12 @@ class CheckpointManager:
                     "here on differs from an uninterrupted run (train.allow_resume_change=true)",
                     flush=True,
                 )
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.ema = None
 
-    def attach(self, model, tokenizer) -> None:
-        """The prepared (wrapped) model and the tokenizer, which the public model folder holds."""
-        self.model, self.tokenizer = model, tokenizer
+    def attach(self, model, tokenizer, weight_ema: WeightEma) -> None:
+        """The prepared (wrapped) model and the tokenizer, which the public model folder holds, and
+        the EMA of the weights, written beside it (model-ema/) when on."""
+        self.model, self.tokenizer, self.ema = model, tokenizer, weight_ema
 
     def resume(self) -> None:
         """Load the checkpoint chosen at start-up, if any, into everything registered with Accelerate."""
@@ -77,10 +83,16 @@ class CheckpointManager:
         state.gather_data_state()
         state.skip_history = skip_history
         meta = {**self.fingerprint, "samples_seen": state.samples_seen}
-        checkpoint.save(self.accelerator, self.run_dir, state.step, meta, self.keep_last, self.exporter())
+        export = partial(self._export_with_ema, self.exporter())
+        checkpoint.save(self.accelerator, self.run_dir, state.step, meta, self.keep_last, export)
 
-    def export_model(self, folder: Path) -> None:
-        """Every process: the public model folder (written by the main process)."""
+    def _export_with_ema(self, export, folder: Path) -> None:
+        export(folder)
+        self.ema.save_model(folder.with_name(EMA_MODEL_DIR), self.tokenizer)  # nothing when off
+
+    def export_model(self, folder: Path, with_ema: bool = False) -> None:
+        """Every process: the public model folder (written by the main process), and with_ema the
+        EMA's beside it."""
         exporter = self.exporter()
         if self.accelerator.is_main_process:
-            exporter(folder)
+            (partial(self._export_with_ema, exporter) if with_ema else exporter)(folder)

@@ -39,6 +39,7 @@ from clip_train.train.build import (
 )
 from clip_train.train.checkpointing import CheckpointManager, run_fingerprint
 from clip_train.train.data_stream import DataStream
+from clip_train.train.ema import WeightEma
 from clip_train.train.feature_cache import ImageFeatureCache
 from clip_train.train.finish import run_wise_ft
 from clip_train.train.hooks import TrainHooks
@@ -77,7 +78,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg, accelerator, run_fingerprint(cfg, self.sources, self.world))
         self._build_parts()
         self.state = TrainState(rank=self.rank)
-        accelerator.register_for_checkpointing(self.scheduler, self.state)
+        accelerator.register_for_checkpointing(self.scheduler, self.state, *self.ema.checkpointed())
         set_seed(cfg.train.seed + self.rank)  # dropout and augmentation differ across ranks
         if self.checkpoints.resume_from is not None:
             self.checkpoints.resume()
@@ -112,7 +113,8 @@ class Trainer:
         # times too fast here. Registered, it is still saved and restored with the checkpoint.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
-        self.checkpoints.attach(self.model, self.tokenizer)
+        self.ema = WeightEma.build(cfg.train.ema, self.unwrapped)  # a no-op unless train.ema.decay > 0
+        self.checkpoints.attach(self.model, self.tokenizer, self.ema)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict:
@@ -152,6 +154,8 @@ class Trainer:
             else:
                 self.guard.passed()
                 apply_update(self.optimizer, self.scheduler, self.unwrapped)
+                # not after a step the fp16 GradScaler skipped (inf gradients): the weights did not move
+                self.ema.update(self.unwrapped, applied=not self.accelerator.optimizer_step_was_skipped)
                 self.window.add(grads.loss)
             state.advance(self.global_batch)
             now = time.perf_counter()
@@ -228,22 +232,23 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         """Every rank encodes its share of the evaluation data and gets the same metrics; the main
-        process writes the files and the log."""
-        metrics = run_evaluation(
-            self.unwrapped,
-            self.tokenizer,
-            self.eval_transform,
-            self.cfg.eval,
-            self.cfg.data.val_shards,
-            self.accelerator.device,
-            self.cfg.train.precision,
-            out_dir=self.run_dir / "eval" / f"step-{step:09d}",
-            model_name=self.run_dir.name,
-            val_captions=self.cfg.data.captions,
-        )
+        process writes the files and the log. The EMA of the weights (when on) is evaluated too, its
+        metrics prefixed "ema/" and its files in eval/step-N/ema/."""
+        out_dir = self.run_dir / "eval" / f"step-{step:09d}"
+        metrics = self._evaluate_model(self.unwrapped, out_dir, self.run_dir.name)
+        for prefix, model in self.ema.eval_models():
+            other = self._evaluate_model(model, out_dir / prefix, f"{self.run_dir.name}-{prefix}")
+            metrics.update({f"{prefix}/{key}": value for key, value in other.items()})
         self.logger.log("eval", step, metrics)
         self.last_eval_step = step
         return metrics
+
+    def _evaluate_model(self, model, out_dir: Path, model_name: str) -> dict:
+        cfg, device = self.cfg, self.accelerator.device
+        return run_evaluation(
+            model, self.tokenizer, self.eval_transform, cfg.eval, cfg.data.val_shards, device,
+            cfg.train.precision, out_dir=out_dir, model_name=model_name, val_captions=cfg.data.captions,
+        )  # fmt: skip
 
     def _save_checkpoint(self) -> None:
         self.checkpoints.save(self.state, self.stream.skip_guard.state())
@@ -329,7 +334,7 @@ class Trainer:
                 self.unwrapped, self.start_model_dir, cfg, self.tokenizer, self.eval_transform, accelerator,
                 self.run_dir,
             )  # fmt: skip
-        self.checkpoints.export_model(self.run_dir / "model")
+        self.checkpoints.export_model(self.run_dir / "model", with_ema=True)  # and model-ema/ when on
         if accelerator.is_main_process:
             summary = {"step": state.step, "samples_seen": state.samples_seen, **self.eval_metrics}
             if wise is not None:
