@@ -88,6 +88,7 @@ def arch_model_config(base: ModelConfig) -> ModelConfig:
         lock=base.image.lock,
         unlocked_groups=base.image.unlocked_groups,
         freeze_bn_stats=base.image.freeze_bn_stats,
+        lora=base.image.lora,
         mean=[float(m) for m in preprocess["mean"]],
         std=[float(s) for s in preprocess["std"]],
         # NHWC slows a ViT's one patchifying convolution

@@ -12,13 +12,14 @@ from accelerate.utils import DistributedType
 from clip_train import checkpoint
 from clip_train.config import RunConfig, to_dict
 from clip_train.data.pipeline import Source
+from clip_train.models.lora import model_fingerprint
 from clip_train.train.state import TrainState
 
 
 def run_fingerprint(cfg: RunConfig, sources: list[Source], world_size: int) -> dict:
     """What a checkpoint must share with the run that resumes it (saved as its meta.json)."""
     return {
-        "model": to_dict(cfg.model),
+        "model": model_fingerprint(to_dict(cfg.model)),
         # everything below decides which samples each step reads (see data_stream.py)
         "world_size": world_size,
         "batch_size": cfg.data.batch_size,
