@@ -43,7 +43,8 @@ def _adapted(*overrides, seed=0):
 
 
 def _inputs(cfg):
-    images = torch.randn(3, 3, cfg.model.image.image_size, cfg.model.image.image_size)
+    size = cfg.model.image.image_size
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     tokens = build_tokenizer(cfg.model.text)(["a red circle", "two blue squares", "x"])
     return images, tokens
 
@@ -235,3 +236,16 @@ def test_checkpoints_without_lora_keep_their_fingerprint():
     assert "lora" not in model["image"] and "lora" not in model["text"]
     on = load_config(["configs/tiny.yaml"], TINY + ["model.image.lora.rank=4"])
     assert model_fingerprint(to_dict(on.model))["image"]["lora"]["rank"] == 4
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
+    def adapter_grads(*extra):
+        model, cfg = _adapted(*extra)
+        images, tokens = _inputs(cfg)
+        image_emb, text_emb, _, _ = model(images, tokens)  # eval mode: no dropout to replay
+        (image_emb @ text_emb.T).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = adapter_grads(), adapter_grads("train.grad_checkpointing=true")
+    assert plain.keys() == checkpointed.keys() and any(".lora_A." in n for n in plain)
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
