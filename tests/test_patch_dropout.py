@@ -100,3 +100,12 @@ def test_clip_train_refuses_patch_dropout_on_a_cnn_before_writing_anything(tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("clip-train: error: model.image.patch_dropout=0.5")
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_from_before_patch_dropout_still_fit_a_run_without_it():
+    from clip_train.config import to_dict
+    from clip_train.train.checkpointing import model_fingerprint
+
+    assert "patch_dropout" not in model_fingerprint(to_dict(ModelConfig()))["image"]  # as older meta.json
+    dropping = ModelConfig(image=ImageTowerConfig(**VIT, patch_dropout=0.5))
+    assert model_fingerprint(to_dict(dropping))["image"]["patch_dropout"] == 0.5  # a change is refused

@@ -23,6 +23,7 @@ from clip_train.config.schema import (
     FinetuneConfig,
     ImageTowerConfig,
     LogConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -38,7 +39,7 @@ from clip_train.config.validate import check_arch, check_data_sources, check_run
 __all__ = [
     "ARCH_PREFIX", "ARCHITECTURES", "LOSS_INIT", "MISSING", "ConfigError", "DataConfig", "DataSource",
     "DistillConfig", "EmaConfig", "EvalConfig", "FinetuneConfig", "ImageTowerConfig", "LogConfig",
-    "LossConfig",
+    "LoraConfig", "LossConfig",
     "ModelConfig", "OptimConfig", "RetrievalTask", "RunConfig", "TextTowerConfig", "TrainConfig",
     "ZeroShotTask", "all_keys", "build_dataclass", "check_arch", "check_data_sources", "check_run_dir",
     "concat_entry", "fill_loss_defaults", "load_config", "save_config", "to_dict", "validate",

@@ -38,6 +38,21 @@ def _range(
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on one tower (models/lora.py, peft): the tower's own weights stay frozen and
+    low-rank updates of the targeted layers train; exports merge them into plain weights."""
+
+    rank: int = _range(0, 0)  # 0 = off
+    alpha: float = _range(16.0, 0, above=True)  # the update is scaled by alpha / rank
+    dropout: float = _range(0.0, 0, 1, below=True)  # on the adapters' input
+    # Module names as peft matches them (a name or a dotted suffix, e.g. "qkv", "attn.proj"), or a
+    # single "re:PATTERN" (a regex the full module name must match). Empty = the tower kind's default
+    # (models/lora.py: timm ViT blocks' qkv, proj, fc1, fc2; timm EfficientNet / MobileNet pointwise
+    # convolutions conv_pw, conv_pwl; BERT-like text towers query, key, value, dense).
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ImageTowerConfig:
     name: str = "test_efficientnet"  # any timm model name
     # Local weights: a .pth/.safetensors file, or "package:efficientnet-lite0" for the weights that
@@ -68,6 +83,7 @@ class ImageTowerConfig:
     # every token. ViT-style timm towers only (timm's patch_drop_rate). Like the locks it is a
     # training setting: a fine-tuning run takes it from its own config, not the saved model's.
     patch_dropout: float = _range(0.0, 0, 1, below=True)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on this tower (first of concat)
 
 
 def concat_entry(spec: str) -> tuple[str, str]:
@@ -88,6 +104,7 @@ class TextTowerConfig:
     context_length: int = _range(32, 1)
     lock: bool = False
     unlocked_layers: int = _range(0, 0)  # with lock: keep the last N transformer layers trainable
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the transformer
 
 
 @dataclass

@@ -60,6 +60,28 @@ def validate(cfg: RunConfig) -> None:
             "(a file or package:...), or start from a saved model with model.init_from"
         )
     check_arch(cfg.model)
+    check_lora(cfg.model)
+
+
+def check_lora(model: ModelConfig) -> None:
+    """LoRA adapters replace a tower's lock (they freeze its weights themselves); targets are names
+    or one regex. Whether the targets exist in the tower is checked when it is built (models/lora.py)."""
+    for tower, lock_keys in (("image", "lock / unlocked_groups"), ("text", "lock / unlocked_layers")):
+        tower_cfg = getattr(model, tower)
+        lora = tower_cfg.lora
+        if lora.rank == 0:
+            continue
+        if tower_cfg.lock:
+            raise ConfigError(
+                f"model.{tower}.lora.rank={lora.rank} with model.{tower}.lock=true: the adapters already "
+                f"freeze the tower's own weights; drop model.{tower}.{lock_keys} or set lora.rank=0"
+            )
+        regexes = [t for t in lora.target_modules if t.startswith("re:")]
+        if regexes and len(lora.target_modules) > 1:
+            raise ConfigError(
+                f"model.{tower}.lora.target_modules mixes a regex ({regexes[0]}) with names: give either "
+                "module names or a single re:PATTERN"
+            )
 
 
 def check_arch(model: ModelConfig) -> None:

@@ -89,6 +89,7 @@ def arch_model_config(base: ModelConfig) -> ModelConfig:
         unlocked_groups=base.image.unlocked_groups,
         freeze_bn_stats=base.image.freeze_bn_stats,
         patch_dropout=base.image.patch_dropout,
+        lora=base.image.lora,
         mean=[float(m) for m in preprocess["mean"]],
         std=[float(s) for s in preprocess["std"]],
         # NHWC slows a ViT's one patchifying convolution

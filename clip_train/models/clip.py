@@ -24,6 +24,7 @@ from torch import nn
 from clip_train.config import ConfigError, ModelConfig, build_dataclass, concat_entry
 from clip_train.models.dropout import swap_dropout
 from clip_train.models.image_tower import build_image_tower
+from clip_train.models.lora import plain_state_dict, without_lora
 from clip_train.models.pretrained import WeightsMismatchError
 from clip_train.models.text_tower import COMPILED_LENGTH_MULTIPLE, TextTower, build_text_tower
 from clip_train.models.tokenizer import build_tokenizer
@@ -151,7 +152,7 @@ class ClipModel(nn.Module):
             tokenizer=TOKENIZER_DIR,
             lock=False,
         )
-        return dataclasses.replace(self.cfg, image=image, text=text, init_from="", arch="")
+        return without_lora(dataclasses.replace(self.cfg, image=image, text=text, init_from="", arch=""))
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
         """state_dict: the weights to write instead of this module's own (e.g. gathered from FSDP shards)."""
@@ -161,7 +162,8 @@ class ClipModel(nn.Module):
         config = {"format": "clip_train", "model": dataclasses.asdict(portable)}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
         # contiguous(): channels_last weights are not contiguous, and safetensors stores plain layout.
-        weights = self.state_dict() if state_dict is None else state_dict
+        # adapters (models/lora.py) are merged: the folder holds a plain model
+        weights = plain_state_dict(self) if state_dict is None else state_dict
         state = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -212,8 +214,8 @@ def load_tokenizer(folder: str | Path):
 
 def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig:
     """The saved model's architecture, with what trains (locks, unlocked layers, frozen BatchNorm
-    statistics, patch dropout, the logit-scale cap, the memory layout) taken from `trainable`, the
-    run's config."""
+    statistics, patch dropout, LoRA adapters, the logit-scale cap, the memory layout) taken from
+    `trainable`, the run's config."""
     saved = load_model_config(folder)
     image = dataclasses.replace(
         saved.image,
@@ -222,9 +224,13 @@ def config_from_saved(folder: str | Path, trainable: ModelConfig) -> ModelConfig
         freeze_bn_stats=trainable.image.freeze_bn_stats,
         channels_last=trainable.image.channels_last,
         patch_dropout=trainable.image.patch_dropout,
+        lora=trainable.image.lora,
     )
     text = dataclasses.replace(
-        saved.text, lock=trainable.text.lock, unlocked_layers=trainable.text.unlocked_layers
+        saved.text,
+        lock=trainable.text.lock,
+        unlocked_layers=trainable.text.unlocked_layers,
+        lora=trainable.text.lora,
     )
     return dataclasses.replace(
         saved,

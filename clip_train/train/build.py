@@ -19,6 +19,7 @@ from clip_train.flops import FlopMetrics, count_training_flops
 from clip_train.loss.contrastive import ContrastiveLoss
 from clip_train.models.arch import arch_model_config
 from clip_train.models.clip import ClipModel, config_from_saved, load_saved_weights
+from clip_train.models.lora import add_lora
 from clip_train.models.transforms import build_image_transforms
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.paths import resolve_model_folder
@@ -61,6 +62,11 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     if cfg.train.ema.decay > 0 and accelerator.distributed_type == DistributedType.FSDP:
         # the average copies and reads the unwrapped module's full weights, which FSDP holds as shards
         raise ConfigError("train.ema is not supported under FSDP: launch with DDP or set train.ema.decay=0")
+    if accelerator.distributed_type == DistributedType.FSDP and (
+        cfg.model.image.lora.rank > 0 or cfg.model.text.lora.rank > 0
+    ):
+        # the merged export reads each wrapped layer's full weight, which FSDP holds as shards
+        raise ConfigError("model.*.lora is not supported under FSDP: launch with DDP or set lora.rank=0")
     return accelerator
 
 
@@ -87,6 +93,7 @@ def build_model(cfg: RunConfig, init_folder: Path | None, world_size: int) -> tu
     flop_metrics = FlopMetrics(count_training_flops(model).per_sample, world_size, cfg.train.peak_flops)
     if init_folder is not None:
         load_saved_weights(model, init_folder)
+    add_lora(model)  # after the weights: the adapters start as a no-op on them (models/lora.py)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.train.compile:

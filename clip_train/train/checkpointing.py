@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from pathlib import Path
 
@@ -16,11 +17,28 @@ from clip_train.paths import EMA_MODEL_DIR
 from clip_train.train.ema import WeightEma, check_ema_resume, ema_fingerprint
 from clip_train.train.state import TrainState
 
+# Model keys added after checkpoints were already being written, with the test for "off": left out
+# of the fingerprint when off, so that those checkpoints (which lack them) still resume.
+_LATER_MODEL_KEYS = {
+    ("image", "lora"): lambda value: value.get("rank", 0) == 0,
+    ("text", "lora"): lambda value: value.get("rank", 0) == 0,
+    ("image", "patch_dropout"): lambda value: value == 0,
+}
+
+
+def model_fingerprint(model: dict) -> dict:
+    """A model config dict as a checkpoint records it (see _LATER_MODEL_KEYS)."""
+    out = copy.deepcopy(model)
+    for (tower, key), is_off in _LATER_MODEL_KEYS.items():
+        if key in out.get(tower, {}) and is_off(out[tower][key]):
+            del out[tower][key]
+    return out
+
 
 def run_fingerprint(cfg: RunConfig, sources: list[Source], world_size: int) -> dict:
     """What a checkpoint must share with the run that resumes it (saved as its meta.json)."""
     return {
-        "model": to_dict(cfg.model),
+        "model": model_fingerprint(to_dict(cfg.model)),
         # everything below decides which samples each step reads (see data_stream.py)
         "world_size": world_size,
         "batch_size": cfg.data.batch_size,

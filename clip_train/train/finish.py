@@ -11,12 +11,15 @@ from safetensors.torch import load_file
 from clip_train.config import ConfigError, RunConfig
 from clip_train.evaluate.runner import run_evaluation
 from clip_train.finetune import default_metrics, format_wise_table, wise_ft_sweep, write_wise
+from clip_train.models.lora import lora_enabled, merged_copy
 
 
 def run_wise_ft(model, start_dir: Path, cfg: RunConfig, tokenizer, transform, accelerator, run_dir: Path):
     """Evaluate (1 - a) * start + a * end for each a of finetune.wise_alphas; print the table,
     write eval/wise/wise.json and wise.png; return {"domain_metric", "reference_metric", "rows"}."""
     start_state = load_file(str(Path(start_dir) / "model.safetensors"))
+    if lora_enabled(model):  # interpolate the merged weights: the start model has no adapters
+        model = merged_copy(model)
     out = run_dir / "eval" / "wise"
 
     def evaluate_at(alpha: float) -> dict:
